@@ -1,0 +1,37 @@
+"""Settings of one broker process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(slots=True)
+class BrokerConfig:
+    """Everything a broker needs to start.
+
+    ``grace_ms`` is the extra time sessions found in the store get to reconnect
+    after a restart; ``None`` means one lease.
+    """
+
+    url: str
+    data_dir: Path
+    pub_url: str | None = None
+    lease_ms: int = 5000
+    grace_ms: int | None = None
+    heartbeat_interval_ms: int = 1000
+    max_batch: int = 256
+    synchronous: str = "NORMAL"
+    log_level: str = "info"
+    log_json: bool | None = None
+
+    @property
+    def grace_s(self) -> float:
+        """The reconnect grace period in seconds."""
+        grace = self.lease_ms if self.grace_ms is None else self.grace_ms
+        return grace / 1000
+
+    @property
+    def db_path(self) -> Path:
+        """The SQLite file of the broker's state."""
+        return self.data_dir / "fleetbus.db"

@@ -1,0 +1,750 @@
+"""The broker's I/O loop: a thin shell around the claim tables and the store.
+
+One thread, one loop. Each turn it waits for requests (or the next deadline),
+drains every request that is ready, applies them to the in-memory tables,
+writes what changed to SQLite in one transaction, commits, and only then sends
+the replies and publishes the events. Batching the commit is what lets one
+broker acknowledge tens of thousands of changes a second.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from fleetbus import __version__, log, wire
+from fleetbus.broker.config import BrokerConfig
+from fleetbus.broker.store import Store, StoreError
+from fleetbus.claims import ClaimTable, Limits, Now, Outcome
+from fleetbus.clock import Clock, OffsetClock
+from fleetbus.errors import (
+    BadInput,
+    BrokerUnavailable,
+    FleetbusError,
+    ProtocolError,
+    UnknownSession,
+)
+from fleetbus.scope import Scope, parse_scope
+from fleetbus.sequence import CLAIMS_STREAM, Sequence
+
+Handler = Callable[[bytes, str, dict[str, Any]], None]
+
+MAX_NAME_LEN = 128
+MAX_REPO_LEN = 512
+REQUEST_MEMORY_S = 600.0
+FAILPOINTS_ENV = "FLEETBUS_FAILPOINTS"
+
+# Log names of claims-stream events; released claims are "expired" when the
+# broker, not the holder, ended them.
+_EXPIRY_REASONS = {"session_lost", "ttl_expired"}
+
+
+class Broker:
+    """One broker process: sockets, tables, store.
+
+    ``clock`` is injectable so that fault runs can move time; by default the
+    system clocks behind run-time adjustable offsets.
+    """
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        *,
+        clock: Clock | None = None,
+        limits: Limits | None = None,
+    ) -> None:
+        self.config = config
+        self.clock: Clock = clock or OffsetClock()
+        self.limits = limits or Limits()
+        self.log = log.get("broker")
+        self.epoch = 0
+        self.tables: dict[str, ClaimTable] = {}
+        self.sequences: dict[str, Sequence] = {}
+        self.session_repo: dict[str, str] = {}
+        self.started = self.clock.wall()
+        self._replies: OrderedDict[tuple[str, str], tuple[float, bytes]] = OrderedDict()
+        self._waiting: dict[tuple[str, str], bytes] = {}
+        self._outbox: list[tuple[bytes, bytes]] = []
+        self._events: list[tuple[bytes, dict[str, Any]]] = []
+        self._dirty: set[str] = set()
+        self._failpoints = _parse_failpoints(os.environ.get(FAILPOINTS_ENV, ""))
+        self._stopping = False
+        self._handlers: dict[str, Handler] = {
+            "ping": self._on_ping,
+            "hello": self._on_hello,
+            "heartbeat": self._on_heartbeat,
+            "snapshot": self._on_snapshot,
+            "status": self._on_status,
+            "claim": self._on_claim,
+            "release": self._on_release,
+            "renew": self._on_renew,
+            "leave": self._on_leave,
+        }
+        self.ctx = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.store: Store | None = None
+        self.pub_endpoint = ""
+
+    # -- start and stop -------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the store, restore state, start a new epoch, bind the sockets."""
+        self.config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.store = Store(self.config.db_path, synchronous=self.config.synchronous)
+        self.epoch = self.store.bump_epoch()
+        self._restore()
+        self._bind()
+        self.log.info(
+            "broker.started",
+            url=self.config.url,
+            pub=self.pub_endpoint,
+            epoch=self.epoch,
+            data=str(self.config.data_dir),
+            repos=len(self.tables),
+            sessions=len(self.session_repo),
+        )
+
+    def _restore(self) -> None:
+        assert self.store is not None
+        now = self._now()
+        self.tables.clear()
+        self.sequences.clear()
+        self.session_repo.clear()
+        for repo, state in self.store.load().items():
+            sequence = Sequence(state.seq, state.heads)
+            table = ClaimTable(repo, sequence, self.limits)
+            table.restore(
+                state.sessions, state.claims, grace_s=self.config.grace_s, now=now
+            )
+            self.sequences[repo] = sequence
+            self.tables[repo] = table
+            for session in state.sessions:
+                self.session_repo[session.sid] = repo
+        self._replies.clear()
+        since = now.wall - REQUEST_MEMORY_S
+        for key, reply in self.store.load_requests(since).items():
+            self._replies[key] = (now.wall, reply)
+
+    def _bind(self) -> None:
+        for sock in (self.router, self.pub):
+            sock.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.router.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES * 2)
+        self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        old_umask = os.umask(0o077)
+        try:
+            _prepare_ipc(self.config.url)
+            self.router.bind(self.config.url)
+            pub_url = self.config.pub_url or _default_pub_url(self.config.url)
+            _prepare_ipc(pub_url)
+            self.pub.bind(pub_url)
+        finally:
+            os.umask(old_umask)
+        endpoint = self.pub.getsockopt(zmq.LAST_ENDPOINT)
+        self.pub_endpoint = (
+            endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
+        )
+
+    def stop(self) -> None:
+        """Ask the loop to finish its turn and return."""
+        self._stopping = True
+
+    def close(self) -> None:
+        """Close sockets and the store."""
+        self.router.close(linger=0)
+        self.pub.close(linger=0)
+        self.ctx.term()
+        if self.store is not None:
+            self.store.close()
+        self.log.info("broker.stopped", epoch=self.epoch)
+
+    # -- the loop ---------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Serve until :meth:`stop` is called or SIGTERM/SIGINT arrives."""
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        old_fd = signal.set_wakeup_fd(wake_w.fileno())
+        previous = {
+            sig: signal.signal(sig, lambda *_: self.stop())
+            for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(wake_r.fileno(), zmq.POLLIN)
+        next_heartbeat = self.clock.monotonic()
+        try:
+            while not self._stopping:
+                timeout_ms = self._poll_timeout(next_heartbeat)
+                ready = dict(poller.poll(timeout_ms))
+                if wake_r.fileno() in ready:
+                    _drain_fd(wake_r)
+                self.turn(drain=self.router in ready)
+                if self.clock.monotonic() >= next_heartbeat:
+                    self._heartbeats()
+                    next_heartbeat = (
+                        self.clock.monotonic()
+                        + self.config.heartbeat_interval_ms / 1000
+                    )
+        finally:
+            signal.set_wakeup_fd(old_fd)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            wake_r.close()
+            wake_w.close()
+
+    def _poll_timeout(self, next_heartbeat: float) -> int:
+        now = self.clock.monotonic()
+        due = next_heartbeat
+        wall = self.clock.wall()
+        for table in self.tables.values():
+            deadline = table.next_deadline()
+            if deadline is not None:
+                due = min(due, deadline)
+            ttl = table.next_ttl()
+            if ttl is not None:
+                due = min(due, now + (ttl - wall))
+        return max(0, min(1000, int((due - now) * 1000) + 1))
+
+    def turn(self, *, drain: bool = True) -> None:
+        """One turn: requests that are ready, due deadlines, commit, send."""
+        if drain:
+            for _ in range(self.config.max_batch):
+                try:
+                    frames = self.router.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._handle(frames)
+        self._tick()
+        self._flush()
+
+    def _tick(self) -> None:
+        now = self._now()
+        for table in self.tables.values():
+            deadline = table.next_deadline()
+            ttl = table.next_ttl()
+            due = (deadline is not None and deadline <= now.mono) or (
+                ttl is not None and ttl <= now.wall
+            )
+            if due:
+                self._absorb(table.repo, table.tick(now))
+
+    def _flush(self) -> None:
+        if not self._outbox and not self._events and not self._dirty:
+            return
+        assert self.store is not None
+        try:
+            for repo in self._dirty:
+                sequence = self.sequences[repo]
+                self.store.begin()
+                self.store.save_sequence(repo, sequence.seq, sequence.heads)
+            self._failpoint("before_commit")
+            self.store.commit()
+        except Exception as exc:
+            self._store_failed(exc)
+            return
+        self._dirty.clear()
+        self._failpoint("after_commit")
+        for frames in self._outbox:
+            self.router.send_multipart(frames)
+        self._outbox.clear()
+        self._failpoint("after_reply")
+        for topic, event in self._events:
+            self.pub.send_multipart([topic, wire.encode(event)])
+        self._events.clear()
+
+    def _store_failed(self, exc: Exception) -> None:
+        """Undo the batch: roll back, reload from the store, answer with errors."""
+        assert self.store is not None
+        self.log.error("store.write_failed", error=str(exc))
+        try:
+            self.store.rollback()
+        except Exception as rollback_exc:
+            self.log.error("store.rollback_failed", error=str(rollback_exc))
+        failure = BrokerUnavailable(f"the broker could not store the change: {exc}")
+        failed_idents = {frames[0] for frames in self._outbox}
+        failed_idents.update(self._waiting.values())
+        for ident in failed_idents:
+            self.router.send_multipart(
+                [ident, wire.encode(wire.error(None, failure.to_wire()))]
+            )
+        self._outbox.clear()
+        self._events.clear()
+        self._dirty.clear()
+        self._waiting.clear()
+        self._restore()
+
+    def _heartbeats(self) -> None:
+        for repo, table in self.tables.items():
+            if not table.view.sessions:
+                continue
+            sequence = self.sequences[repo]
+            beat = {
+                "type": "heartbeat",
+                "repo": repo,
+                "epoch": self.epoch,
+                "seq": sequence.seq,
+                "head": sequence.head(CLAIMS_STREAM),
+                "at": self.clock.wall(),
+            }
+            self.pub.send_multipart([wire.claims_topic(repo), wire.encode(beat)])
+
+    # -- requests -------------------------------------------------------------
+
+    def _handle(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            if frames:
+                self._reply(
+                    frames[0],
+                    None,
+                    error=ProtocolError(
+                        f"a request is one frame, got {len(frames) - 1}"
+                    ),
+                )
+            return
+        ident, frame = frames
+        try:
+            message = wire.decode(frame)
+            rid = wire.request_id(message)
+        except FleetbusError as exc:
+            self._reply(ident, None, error=exc)
+            return
+        op = message.get("op")
+        handler = self._handlers.get(op) if isinstance(op, str) else None
+        if handler is None:
+            self._reply(ident, rid, error=ProtocolError(f"unknown op {op!r}"))
+            return
+        self.log.debug("request.received", op=op, rid=rid)
+        try:
+            handler(ident, rid, message)
+        except FleetbusError as exc:
+            self._reply(ident, rid, error=exc)
+        except Exception as exc:
+            self.log.exception("request.crashed", op=op, rid=rid)
+            self._reply(
+                ident, rid, error=FleetbusError(f"internal error handling {op}: {exc}")
+            )
+
+    def _reply(
+        self,
+        ident: bytes,
+        rid: str | None,
+        fields: dict[str, Any] | None = None,
+        *,
+        error: FleetbusError | None = None,
+        remember: tuple[str, str] | None = None,
+    ) -> None:
+        if error is not None:
+            body = wire.error(rid, error.to_wire())
+        else:
+            body = wire.ok(rid, **(fields or {}))
+        encoded = wire.encode(body)
+        if remember is not None:
+            self._remember(remember, encoded)
+        self._outbox.append((ident, encoded))
+
+    def _remember(self, key: tuple[str, str], encoded: bytes) -> None:
+        assert self.store is not None
+        now = self.clock.wall()
+        self.store.begin()
+        self.store.record_request(key[0], key[1], now, encoded)
+        self._replies[key] = (now, encoded)
+        self._replies.move_to_end(key)
+        horizon = now - REQUEST_MEMORY_S
+        while self._replies:
+            first = next(iter(self._replies.values()))
+            if first[0] >= horizon:
+                break
+            self._replies.popitem(last=False)
+
+    def _replay(self, ident: bytes, sid: str, rid: str) -> bool:
+        """Answer a retried mutating request with its first reply."""
+        known = self._replies.get((sid, rid))
+        if known is None:
+            return False
+        self._outbox.append((ident, known[1]))
+        return True
+
+    def _absorb(self, repo: str, outcome: Outcome) -> None:
+        """Take a table's outcome: persist and queue its events and late replies."""
+        assert self.store is not None
+        if outcome.events:
+            self.store.begin()
+            self.store.apply_claim_events(repo, outcome.events)
+            self._dirty.add(repo)
+            topic = wire.claims_topic(repo)
+            wall = self.clock.wall()
+            for event in outcome.events:
+                event["repo"] = repo
+                event.setdefault("at", wall)
+                self._track_session(repo, event)
+                self._log_event(event)
+                self._events.append((topic, event))
+        for sid, rid, reply in outcome.deferred:
+            ident = self._waiting.pop((sid, rid), None)
+            body = {"rid": rid, **reply}
+            encoded = wire.encode(body)
+            self._remember((sid, rid), encoded)
+            if ident is not None:
+                self._outbox.append((ident, encoded))
+
+    def _track_session(self, repo: str, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind == "session.joined":
+            self.session_repo[event["session"]["sid"]] = repo
+        elif kind in ("session.left", "session.lost"):
+            self.session_repo.pop(event["sid"], None)
+            for key in [k for k in self._waiting if k[0] == event["sid"]]:
+                self._waiting.pop(key, None)
+
+    def _log_event(self, event: dict[str, Any]) -> None:
+        kind = event["type"]
+        if kind == "claim.released" and event.get("reason") in _EXPIRY_REASONS:
+            kind = "claim.expired"
+        if kind.startswith("wait."):
+            self.log.debug(kind, sid=event.get("sid"), seq=event["seq"])
+            return
+        fields = {k: v for k, v in event.items() if k in _LOGGED_KEYS}
+        self.log.info(kind, **fields)
+
+    # -- handlers -------------------------------------------------------------
+
+    def _session(self, message: dict[str, Any]) -> tuple[str, ClaimTable]:
+        sid = _text(message, "sid", MAX_NAME_LEN)
+        repo = self.session_repo.get(sid)
+        if repo is None:
+            raise UnknownSession(
+                f"session {sid!r} is not known to the broker; join with hello first",
+                sid=sid,
+            )
+        table = self.tables[repo]
+        table.touch(sid, self._now())
+        return sid, table
+
+    def _on_ping(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
+        self._reply(ident, rid, {"epoch": self.epoch, "version": __version__})
+
+    def _on_hello(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
+        repo = _text(message, "repo", MAX_REPO_LEN)
+        sid = _text(message, "sid", MAX_NAME_LEN)
+        name = _text(message, "name", MAX_NAME_LEN, default=sid)
+        meta = message.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise BadInput("'meta' must be an object", field="meta")
+        leased = message.get("lease", True)
+        if not isinstance(leased, bool):
+            raise BadInput("'lease' must be true or false", field="lease")
+        known = self.session_repo.get(sid)
+        if known is not None and known != repo:
+            raise BadInput(
+                f"session {sid!r} belongs to another repository", field="sid"
+            )
+        table = self._table(repo)
+        outcome = table.join(
+            sid,
+            name,
+            meta,
+            leased=leased,
+            lease_s=self.config.lease_ms / 1000,
+            now=self._now(),
+        )
+        self._absorb(repo, outcome)
+        sequence = self.sequences[repo]
+        self._reply(
+            ident,
+            rid,
+            {
+                "epoch": self.epoch,
+                "seq": sequence.seq,
+                "head": sequence.head(CLAIMS_STREAM),
+                "lease_ms": self.config.lease_ms,
+                "heartbeat_ms": max(1, self.config.lease_ms // 3),
+                "pub": self.pub_endpoint,
+                "version": __version__,
+                **(outcome.reply or {}),
+            },
+        )
+
+    def _table(self, repo: str) -> ClaimTable:
+        table = self.tables.get(repo)
+        if table is None:
+            sequence = Sequence()
+            table = ClaimTable(repo, sequence, self.limits)
+            self.sequences[repo] = sequence
+            self.tables[repo] = table
+        return table
+
+    def _on_heartbeat(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
+        _sid, table = self._session(message)
+        sequence = self.sequences[table.repo]
+        self._reply(
+            ident, rid, {"epoch": self.epoch, "head": sequence.head(CLAIMS_STREAM)}
+        )
+
+    def _on_snapshot(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
+        repo = _text(message, "repo", MAX_REPO_LEN)
+        table = self.tables.get(repo)
+        sequence = self.sequences.get(repo) or Sequence()
+        state = table.view.snapshot() if table is not None else _empty_snapshot()
+        self._reply(
+            ident,
+            rid,
+            {
+                "epoch": self.epoch,
+                "seq": sequence.seq,
+                "head": sequence.head(CLAIMS_STREAM),
+                **state,
+            },
+        )
+
+    def _on_status(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
+        repos = {
+            repo: {
+                "sessions": len(table.view.sessions),
+                "claims": len(table.view.claims()),
+                "waiters": len(table.view.waiters),
+                "seq": self.sequences[repo].seq,
+            }
+            for repo, table in self.tables.items()
+        }
+        self._reply(
+            ident,
+            rid,
+            {
+                "epoch": self.epoch,
+                "version": __version__,
+                "started": self.started,
+                "url": self.config.url,
+                "pub": self.pub_endpoint,
+                "data_dir": str(self.config.data_dir),
+                "repos": repos,
+            },
+        )
+
+    def _on_claim(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
+        sid, table = self._session(message)
+        if self._replay(ident, sid, rid):
+            return
+        if table.is_waiting(sid, rid):
+            self._waiting[(sid, rid)] = ident
+            self._reply(ident, rid, {"queued": True})
+            return
+        scopes = _scopes(message)
+        mode = message.get("mode", "exclusive")
+        if mode not in ("exclusive", "shared"):
+            raise BadInput("'mode' must be 'exclusive' or 'shared'", field="mode")
+        intent = _text(message, "intent", self.limits.intent_len, default="")
+        ttl_s = _seconds(message, "ttl_ms")
+        wait_s = _seconds(message, "wait_ms")
+        try:
+            outcome = table.claim(
+                sid,
+                scopes,
+                mode=mode,
+                intent=intent,
+                ttl_s=ttl_s,
+                wait_s=wait_s,
+                rid=rid,
+                now=self._now(),
+            )
+        except FleetbusError as exc:
+            self.log.info(
+                f"claim.{'refused' if exc.code != 'deadlock' else 'deadlock'}",
+                sid=sid,
+                scopes=[s.text for s in scopes],
+                code=exc.code,
+            )
+            if exc.exit_code == 1:
+                self._reply(ident, rid, error=exc, remember=(sid, rid))
+                return
+            raise
+        self._absorb(table.repo, outcome)
+        if outcome.queued is not None:
+            self._waiting[(sid, rid)] = ident
+            self.log.info(
+                "claim.queued",
+                sid=sid,
+                scopes=[s.text for s in scopes],
+                position=outcome.queued,
+            )
+            self._reply(ident, rid, {"queued": True, "position": outcome.queued})
+            return
+        self._reply(ident, rid, outcome.reply, remember=(sid, rid))
+
+    def _on_release(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
+        sid, table = self._session(message)
+        if self._replay(ident, sid, rid):
+            return
+        scopes = _scopes(message) if message.get("scopes") is not None else None
+        outcome = table.release(
+            sid,
+            scopes=scopes,
+            grant=_optional_text(message, "grant"),
+            ids=_optional_ids(message),
+            all=message.get("all") is True,
+            now=self._now(),
+        )
+        self._absorb(table.repo, outcome)
+        self._reply(ident, rid, outcome.reply, remember=(sid, rid))
+
+    def _on_renew(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
+        sid, table = self._session(message)
+        if self._replay(ident, sid, rid):
+            return
+        ttl_s = _seconds(message, "ttl_ms")
+        if ttl_s is None:
+            raise BadInput("renew needs 'ttl_ms'", field="ttl_ms")
+        outcome = table.renew(
+            sid,
+            grant=_optional_text(message, "grant"),
+            ids=_optional_ids(message),
+            ttl_s=ttl_s,
+            now=self._now(),
+        )
+        self._absorb(table.repo, outcome)
+        self._reply(ident, rid, outcome.reply, remember=(sid, rid))
+
+    def _on_leave(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
+        sid, table = self._session(message)
+        if self._replay(ident, sid, rid):
+            return
+        outcome = table.leave(sid, self._now())
+        self._absorb(table.repo, outcome)
+        self._reply(ident, rid, outcome.reply or {}, remember=(sid, rid))
+
+    # -- helpers --------------------------------------------------------------
+
+    def _now(self) -> Now:
+        return Now(wall=self.clock.wall(), mono=self.clock.monotonic())
+
+    def _failpoint(self, name: str) -> None:
+        if name in self._failpoints:
+            self.log.warning("failpoint.hit", point=name)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+_LOGGED_KEYS = {"sid", "seq", "grant", "fence", "reason", "ids", "repo"}
+
+
+def _empty_snapshot() -> dict[str, Any]:
+    return {"sessions": [], "claims": [], "waiters": []}
+
+
+def _text(
+    message: dict[str, Any], key: str, limit: int, *, default: str | None = None
+) -> str:
+    value = message.get(key, default)
+    if value is None and default is None:
+        raise BadInput(f"request needs '{key}'", field=key)
+    if not isinstance(value, str):
+        raise BadInput(f"'{key}' must be a string", field=key)
+    if len(value) > limit:
+        raise BadInput(f"'{key}' is longer than {limit} characters", field=key)
+    if key in ("sid", "repo") and not value:
+        raise BadInput(f"'{key}' must not be empty", field=key)
+    return value
+
+
+def _optional_text(message: dict[str, Any], key: str) -> str | None:
+    if message.get(key) is None:
+        return None
+    return _text(message, key, MAX_NAME_LEN)
+
+
+def _optional_ids(message: dict[str, Any]) -> list[str] | None:
+    ids = message.get("ids")
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise BadInput("'ids' must be a list of strings", field="ids")
+    return ids
+
+
+def _scopes(message: dict[str, Any]) -> list[Scope]:
+    raw = message.get("scopes")
+    if not isinstance(raw, list) or not raw:
+        raise BadInput("'scopes' must be a non-empty list of strings", field="scopes")
+    if not all(isinstance(s, str) for s in raw):
+        raise BadInput("every scope must be a string", field="scopes")
+    return [parse_scope(s) for s in raw]
+
+
+def _seconds(message: dict[str, Any], key: str) -> float | None:
+    value = message.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadInput(f"'{key}' must be a number of milliseconds", field=key)
+    if not 0 <= value <= 366 * 86_400_000:
+        raise BadInput(f"'{key}' is out of range", field=key)
+    return float(value) / 1000
+
+
+def _parse_failpoints(text: str) -> set[str]:
+    return {p.strip() for p in text.split(",") if p.strip()}
+
+
+def _default_pub_url(url: str) -> str:
+    if url.startswith("ipc://"):
+        return url + ".pub"
+    if url.startswith("tcp://"):
+        host = url[len("tcp://") :].rsplit(":", 1)[0]
+        return f"tcp://{host}:*"
+    raise BadInput(f"unsupported broker URL {url!r}: use ipc:// or tcp://")
+
+
+def _prepare_ipc(url: str) -> None:
+    """Make the socket's directory private and clear a stale socket file.
+
+    A socket file that a live process still listens on is left alone: binding
+    over it would silently steal a running broker's clients.
+    """
+    if not url.startswith("ipc://"):
+        return
+    path = Path(url[len("ipc://") :])
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()
+        return
+    finally:
+        probe.close()
+    raise BrokerUnavailable(f"another process is already serving on {url}")
+
+
+def _drain_fd(sock: socket.socket) -> None:
+    try:
+        while sock.recv(512):
+            pass
+    except OSError:
+        pass
+
+
+def run(config: BrokerConfig) -> int:
+    """Run a broker in the foreground until SIGTERM or SIGINT; return an exit code."""
+    log.configure(config.log_level, json=config.log_json)
+    broker = Broker(config)
+    try:
+        broker.start()
+    except (StoreError, BadInput, BrokerUnavailable, zmq.ZMQError) as exc:
+        broker.log.error("broker.start_failed", error=str(exc))
+        broker.close()
+        return 4 if isinstance(exc, StoreError) else 3
+    try:
+        broker.serve_forever()
+    finally:
+        broker.close()
+    return 0

@@ -1,0 +1,115 @@
+"""A real broker process for tests: started, killed and restarted on demand."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import zmq
+
+READY_TIMEOUT_S = 20.0
+
+
+def ping(url: str, timeout_s: float = 0.2) -> dict[str, Any] | None:
+    """One ping to the broker at ``url``; its reply, or None if none came."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(url)
+        sock.send(orjson.dumps({"op": "ping", "rid": "ping"}))
+        if sock.poll(int(timeout_s * 1000)):
+            reply: dict[str, Any] = orjson.loads(sock.recv())
+            return reply
+        return None
+    finally:
+        sock.close(linger=0)
+
+
+class BrokerProcess:
+    """A ``python -m fleetbus.broker`` child on an ipc socket in ``workdir``."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        lease_ms: int = 1000,
+        grace_ms: int | None = None,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.url = f"ipc://{workdir}/broker.sock"
+        self.data_dir = workdir / "data"
+        self.log_path = workdir / "broker.log"
+        self.lease_ms = lease_ms
+        self.args = ["--lease-ms", str(lease_ms), "--log-json", "--log-level", "debug"]
+        if grace_ms is not None:
+            self.args += ["--grace-ms", str(grace_ms)]
+        self.args += extra_args or []
+        self.env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.epoch = 0
+
+    def start(self, env: dict[str, str] | None = None) -> BrokerProcess:
+        """Start the process and wait until it answers a ping."""
+        assert self.proc is None or self.proc.poll() is not None
+        full_env = {**os.environ, **self.env, **(env or {})}
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "fleetbus.broker",
+                    "--url",
+                    self.url,
+                    "--data",
+                    str(self.data_dir),
+                    *self.args,
+                ],
+                stdout=log,
+                stderr=log,
+                env=full_env,
+            )
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"broker exited early:\n{self.log()}")
+            reply = ping(self.url)
+            if reply is not None:
+                self.epoch = reply["epoch"]
+                return self
+        raise RuntimeError(f"broker did not answer in time:\n{self.log()}")
+
+    def log(self) -> str:
+        """What the broker logged so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the broker and reap it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.wait()
+
+    def stop(self) -> int:
+        """SIGTERM the broker and wait for a clean exit; returns its exit code."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.wait()
+
+    def wait(self, timeout: float = 20.0) -> int:
+        """Reap the process."""
+        if self.proc is None:
+            return 0
+        return self.proc.wait(timeout)
+
+    def restart(self, env: dict[str, str] | None = None) -> BrokerProcess:
+        """SIGKILL, then start again on the same socket and data."""
+        self.kill()
+        return self.start(env)
