@@ -264,7 +264,10 @@ def test_pathological_patterns_complete() -> None:
     assert overlaps(parse_scope(stars_b), parse_scope(stars_c)) is False
     assert overlaps(parse_scope(deep), parse_scope("/".join([stars_c] * 8))) is False
     assert overlaps(parse_scope("**/" + deep), parse_scope(chain)) is False
-    assert parse_scope(chain).matches("a/" * 40 + "b") is False
+    assert parse_scope(chain).matches("a/" * 200 + "b") is False
+    assert parse_scope(chain).matches("a/" * 200 + "a") is True
+    assert parse_scope(stars_b).matches("a" * 250) is False
+    assert parse_scope(deep + "/**").matches("/".join(["a" * 200] * 60)) is False
 
 
 # --- containment ------------------------------------------------------------
@@ -412,7 +415,7 @@ def witness_fits(a: Scope, b: Scope) -> bool:
     return all(n <= 3 for n in needs)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(pattern_text, pattern_text)
 def test_overlaps_agrees_with_brute_force(a: str, b: str) -> None:
     """A shared enumerated path means overlap; overlap of small patterns has one."""
@@ -455,14 +458,33 @@ def test_matches_agrees_with_a_reference_matcher(pattern: str) -> None:
         assert scope.matches(path) == expected, path
 
 
-@settings(max_examples=300, deadline=None)
-@given(
-    st.one_of(pattern_text, literal_text, literal_text.map(lambda t: t + "/")),
+beneath = st.builds(
+    lambda prefix, rest: (prefix + "/", prefix + "/" + rest),
+    literal_text,
     st.one_of(pattern_text, literal_text),
 )
-def test_covers_implies_containment(a: str, b: str) -> None:
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.tuples(
+            st.one_of(pattern_text, literal_text, literal_text.map(lambda t: t + "/")),
+            st.one_of(pattern_text, literal_text),
+        ),
+        beneath,
+    )
+)
+def test_covers_implies_containment(pair: tuple[str, str]) -> None:
     """If a covers b, every enumerated path of b matches a."""
-    sa, sb = parse_scope(a), parse_scope(b)
+    sa, sb = parse_scope(pair[0]), parse_scope(pair[1])
 
     if sa.covers(sb):
         assert enumerate_matches(sb.text) <= enumerate_matches(sa.text)
+
+
+@settings(max_examples=100, deadline=None)
+@given(beneath)
+def test_directory_covers_what_lies_beneath(pair: tuple[str, str]) -> None:
+    """A literal directory form covers any scope written beneath it."""
+    assert parse_scope(pair[0]).covers(parse_scope(pair[1]))
