@@ -32,6 +32,17 @@ class Sequence:
         """The number of the last event on ``stream`` (0 before the first)."""
         return self.heads.get(stream, 0)
 
+    def link(self, stream: str, seq: int) -> int:
+        """Make the already numbered event ``seq`` the head of ``stream``.
+
+        Returns the head it replaces, the event's ``prev`` on that stream. An
+        event published on several streams takes one number with
+        :meth:`next_number`, then is linked to each.
+        """
+        prev = self.heads.get(stream, 0)
+        self.heads[stream] = seq
+        return prev
+
     def next_number(self) -> int:
         """Take a number for a change that publishes no event of its own."""
         self.seq += 1
