@@ -11,7 +11,8 @@ class BrokerConfig:
     """Everything a broker needs to start.
 
     ``grace_ms`` is the extra time sessions found in the store get to reconnect
-    after a restart; ``None`` means one lease.
+    after a restart; ``None`` means one lease. ``metrics`` is the ``HOST:PORT``
+    of the Prometheus endpoint, ``None`` for none.
     """
 
     url: str
@@ -24,6 +25,7 @@ class BrokerConfig:
     synchronous: str = "NORMAL"
     log_level: str = "info"
     log_json: bool | None = None
+    metrics: str | None = None
 
     @property
     def grace_s(self) -> float:

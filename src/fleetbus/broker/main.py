@@ -1,20 +1,31 @@
-"""``fleetbus broker``: run the broker in the foreground."""
+"""``fleetbus broker``: run the broker in the foreground.
+
+Settings come from flags, ``FLEETBUS_*`` variables and a TOML file, in that
+order of precedence (see :mod:`fleetbus.config`); a bad one stops the start
+with a one-line message and exit code 2.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
+import sys
 from pathlib import Path
 
-from fleetbus import paths
+from fleetbus import config, paths
 from fleetbus.broker.config import BrokerConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The broker's command-line options."""
+    """The broker's command-line options; every one defaults to "not given"."""
     parser = argparse.ArgumentParser(
         prog="fleetbus broker",
         description="Run the fleetbus broker until SIGTERM or SIGINT.",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help=f"TOML settings file (default: ${config.CONFIG_ENV}, "
+        "else ~/.config/fleetbus/config.toml when present)",
     )
     parser.add_argument(
         "--url",
@@ -29,43 +40,65 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help=f"data directory (default: ${paths.DATA_ENV}, else the user's)",
     )
-    parser.add_argument("--lease-ms", type=int, default=5000, help="session lease")
+    parser.add_argument("--lease-ms", type=int, help="session lease (default 5000)")
     parser.add_argument(
         "--grace-ms",
         type=int,
-        default=None,
         help="extra reconnect time after a restart (default: one lease)",
     )
+    parser.add_argument("--heartbeat-ms", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--max-batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument(
         "--fsync",
-        action="store_true",
+        action="store_const",
+        const=True,
         help="sync the store to disk at every commit (survives power loss)",
     )
-    parser.add_argument("--log-level", default=os.environ.get("FLEETBUS_LOG", "info"))
+    parser.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP on HOST:PORT (port 0: any)",
+    )
+    parser.add_argument("--log-level", help="debug, info, warning or error")
     parser.add_argument(
         "--log-json",
         action=argparse.BooleanOptionalAction,
-        default=None,
         help="JSON log lines (default: when stderr is not a terminal)",
     )
     return parser
 
 
+def resolve(argv: list[str] | None = None) -> BrokerConfig:
+    """The broker's settings from ``argv``, the environment and the config file.
+
+    Raises :class:`fleetbus.config.ConfigError` for a bad setting.
+    """
+    args = vars(build_parser().parse_args(argv))
+    file = args.pop("config")
+    settings = config.load(args, config=file)
+    data = settings["data"]
+    return BrokerConfig(
+        url=paths.resolve_url(settings["url"]),
+        data_dir=data if data is not None else paths.data_dir(),
+        pub_url=settings["pub_url"],
+        lease_ms=settings["lease_ms"],
+        grace_ms=settings["grace_ms"],
+        heartbeat_interval_ms=settings["heartbeat_ms"],
+        max_batch=settings["max_batch"],
+        synchronous="FULL" if settings["fsync"] else "NORMAL",
+        log_level=settings["log_level"],
+        log_json=settings["log_json"],
+        metrics=settings["metrics"],
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` and run the broker; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    if args.lease_ms < 100:
-        build_parser().error("--lease-ms must be at least 100")
-    config = BrokerConfig(
-        url=paths.resolve_url(args.url),
-        data_dir=args.data or paths.data_dir(),
-        pub_url=args.pub_url,
-        lease_ms=args.lease_ms,
-        grace_ms=args.grace_ms,
-        synchronous="FULL" if args.fsync else "NORMAL",
-        log_level=args.log_level,
-        log_json=args.log_json,
-    )
+    try:
+        broker_config = resolve(argv)
+    except config.ConfigError as exc:
+        print(f"fleetbus broker: {exc.message}", file=sys.stderr)
+        return exc.exit_code
     from fleetbus.broker.server import run
 
-    return run(config)
+    return run(broker_config)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +22,11 @@ import zmq
 
 from fleetbus import __version__, log, wire
 from fleetbus.broker.config import BrokerConfig
+from fleetbus.broker.metrics import Gauge, Metrics, MetricsServer
 from fleetbus.broker.store import Store, StoreError
 from fleetbus.claims import ClaimTable, Limits, Now, Outcome
 from fleetbus.clock import Clock, OffsetClock
+from fleetbus.config import split_hostport
 from fleetbus.errors import (
     BadInput,
     BrokerUnavailable,
@@ -71,7 +74,7 @@ class Broker:
         self.started = self.clock.wall()
         self._replies: OrderedDict[tuple[str, str], tuple[float, bytes]] = OrderedDict()
         self._waiting: dict[tuple[str, str], bytes] = {}
-        self._outbox: list[tuple[bytes, bytes]] = []
+        self._outbox: list[tuple[bytes, str | None, bytes]] = []
         self._events: list[tuple[bytes, dict[str, Any]]] = []
         self._dirty: set[str] = set()
         self._failpoints = _parse_failpoints(os.environ.get(FAILPOINTS_ENV, ""))
@@ -92,6 +95,8 @@ class Broker:
         self.pub = self.ctx.socket(zmq.PUB)
         self.store: Store | None = None
         self.pub_endpoint = ""
+        self.metrics = Metrics()
+        self.metrics_server: MetricsServer | None = None
 
     # -- start and stop -------------------------------------------------------
 
@@ -102,6 +107,7 @@ class Broker:
         self.epoch = self.store.bump_epoch()
         self._restore()
         self._bind()
+        self._serve_metrics()
         self.log.info(
             "broker.started",
             url=self.config.url,
@@ -137,7 +143,8 @@ class Broker:
         for sock in (self.router, self.pub):
             sock.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.router.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES * 2)
+        # Past this size libzmq drops the connection: too large to even answer.
+        self.router.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES * 16)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
         old_umask = os.umask(0o077)
         try:
@@ -153,6 +160,45 @@ class Broker:
             endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
         )
 
+    def _serve_metrics(self) -> None:
+        if self.config.metrics is None:
+            return
+        host, port = split_hostport(self.config.metrics, "--metrics")
+        try:
+            self.metrics_server = MetricsServer(host, port, self._scrape)
+        except OSError as exc:
+            raise BadInput(
+                f"cannot serve metrics on {self.config.metrics}: {exc}"
+            ) from exc
+        self.metrics_server.start()
+        bound_host, bound_port = self.metrics_server.address
+        self.log.info("metrics.listening", host=bound_host, port=bound_port)
+
+    def _scrape(self) -> str:
+        """The exposition text; runs on the metrics thread, so it only reads."""
+        tables = list(self.tables.values())
+        gauges: list[Gauge] = [
+            ("fleetbus_epoch", "Broker epoch (starts so far).", self.epoch),
+            ("fleetbus_start_time_seconds", "Wall time of the start.", self.started),
+            ("fleetbus_repos", "Repositories with a claim table.", len(tables)),
+            (
+                "fleetbus_sessions",
+                "Sessions joined.",
+                sum(len(t.view.sessions) for t in tables),
+            ),
+            (
+                "fleetbus_claims_held",
+                "Claim rows held.",
+                sum(len(t.view) for t in tables),
+            ),
+            (
+                "fleetbus_claims_waiting",
+                "Claim requests queued.",
+                sum(len(t.view.waiters) for t in tables),
+            ),
+        ]
+        return self.metrics.render(gauges)
+
     def stop(self) -> None:
         """Ask the loop to finish its turn and return."""
         self._stopping = True
@@ -162,6 +208,8 @@ class Broker:
         self.router.close(linger=0)
         self.pub.close(linger=0)
         self.ctx.term()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         if self.store is not None:
             self.store.close()
         self.log.info("broker.stopped", epoch=self.epoch)
@@ -218,14 +266,19 @@ class Broker:
     def turn(self, *, drain: bool = True) -> None:
         """One turn: requests that are ready, due deadlines, commit, send."""
         if drain:
+            drained = 0
             for _ in range(self.config.max_batch):
                 try:
                     frames = self.router.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
+                drained += 1
                 self._handle(frames)
+            if drained:
+                self.metrics.batch(drained)
         self._tick()
         self._flush()
+        self.metrics.replied()
 
     def _tick(self) -> None:
         now = self._now()
@@ -248,34 +301,38 @@ class Broker:
                 self.store.begin()
                 self.store.save_sequence(repo, sequence.seq, sequence.heads)
             self._failpoint("before_commit")
+            started = time.perf_counter()
             self.store.commit()
+            self.metrics.committed(time.perf_counter() - started)
         except Exception as exc:
             self._store_failed(exc)
             return
         self._dirty.clear()
         self._failpoint("after_commit")
-        for frames in self._outbox:
-            self.router.send_multipart(frames)
+        for ident, _rid, body in self._outbox:
+            self.router.send_multipart([ident, body])
         self._outbox.clear()
         self._failpoint("after_reply")
         for topic, event in self._events:
             self.pub.send_multipart([topic, wire.encode(event)])
+        self.metrics.sent(self._events)
         self._events.clear()
 
     def _store_failed(self, exc: Exception) -> None:
         """Undo the batch: roll back, reload from the store, answer with errors."""
         assert self.store is not None
         self.log.error("store.write_failed", error=str(exc))
+        self.metrics.store_failures += 1
         try:
             self.store.rollback()
         except Exception as rollback_exc:
             self.log.error("store.rollback_failed", error=str(rollback_exc))
         failure = BrokerUnavailable(f"the broker could not store the change: {exc}")
-        failed_idents = {frames[0] for frames in self._outbox}
-        failed_idents.update(self._waiting.values())
-        for ident in failed_idents:
+        failed = {(ident, rid) for ident, rid, _body in self._outbox}
+        failed.update((ident, key[1]) for key, ident in self._waiting.items())
+        for ident, rid in failed:
             self.router.send_multipart(
-                [ident, wire.encode(wire.error(None, failure.to_wire()))]
+                [ident, wire.encode(wire.error(rid, failure.to_wire()))]
             )
         self._outbox.clear()
         self._events.clear()
@@ -324,6 +381,7 @@ class Broker:
             self._reply(ident, rid, error=ProtocolError(f"unknown op {op!r}"))
             return
         self.log.debug("request.received", op=op, rid=rid)
+        self.metrics.received(str(op))
         try:
             handler(ident, rid, message)
         except FleetbusError as exc:
@@ -344,13 +402,14 @@ class Broker:
         remember: tuple[str, str] | None = None,
     ) -> None:
         if error is not None:
+            self.metrics.failed(error.code)
             body = wire.error(rid, error.to_wire())
         else:
             body = wire.ok(rid, **(fields or {}))
         encoded = wire.encode(body)
         if remember is not None:
             self._remember(remember, encoded)
-        self._outbox.append((ident, encoded))
+        self._outbox.append((ident, rid, encoded))
 
     def _remember(self, key: tuple[str, str], encoded: bytes) -> None:
         assert self.store is not None
@@ -371,7 +430,7 @@ class Broker:
         known = self._replies.get((sid, rid))
         if known is None:
             return False
-        self._outbox.append((ident, known[1]))
+        self._outbox.append((ident, rid, known[1]))
         return True
 
     def _absorb(self, repo: str, outcome: Outcome) -> None:
@@ -388,6 +447,7 @@ class Broker:
                 event.setdefault("at", wall)
                 self._track_session(repo, event)
                 self._log_event(event)
+                self.metrics.event(event)
                 self._events.append((topic, event))
         for sid, rid, reply in outcome.deferred:
             ident = self._waiting.pop((sid, rid), None)
@@ -395,7 +455,7 @@ class Broker:
             encoded = wire.encode(body)
             self._remember((sid, rid), encoded)
             if ident is not None:
-                self._outbox.append((ident, encoded))
+                self._outbox.append((ident, rid, encoded))
 
     def _track_session(self, repo: str, event: dict[str, Any]) -> None:
         kind = event["type"]
@@ -492,6 +552,7 @@ class Broker:
 
     def _on_snapshot(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
         repo = _text(message, "repo", MAX_REPO_LEN)
+        self.metrics.snapshots += 1
         table = self.tables.get(repo)
         sequence = self.sequences.get(repo) or Sequence()
         state = table.view.snapshot() if table is not None else _empty_snapshot()
@@ -557,6 +618,7 @@ class Broker:
                 now=self._now(),
             )
         except FleetbusError as exc:
+            self.metrics.refused(exc.code)
             self.log.info(
                 f"claim.{'refused' if exc.code != 'deadlock' else 'deadlock'}",
                 sid=sid,
