@@ -75,6 +75,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_batch", "int", 256, "requests applied per commit", 1, 65_536),
     Setting("fsync", "bool", False, "sync the store to disk at every commit"),
     Setting("metrics", "hostport", None, "serve Prometheus metrics on HOST:PORT"),
+    Setting("facts_max", "int", 100_000, "facts retained per repository", 1, 10**8),
+    Setting(
+        "facts_max_age_s", "int", 30 * 86_400, "longest a fact is retained", 1, 10**10
+    ),
     Setting("log_level", "level", "info", "debug, info, warning or error"),
     Setting("log_json", "bool", None, "JSON log lines (default: off a terminal)"),
 )

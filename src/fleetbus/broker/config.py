@@ -12,7 +12,8 @@ class BrokerConfig:
 
     ``grace_ms`` is the extra time sessions found in the store get to reconnect
     after a restart; ``None`` means one lease. ``metrics`` is the ``HOST:PORT``
-    of the Prometheus endpoint, ``None`` for none.
+    of the Prometheus endpoint, ``None`` for none. ``facts_max`` and
+    ``facts_max_age_s`` bound the facts retained per repository.
     """
 
     url: str
@@ -26,6 +27,8 @@ class BrokerConfig:
     log_level: str = "info"
     log_json: bool | None = None
     metrics: str | None = None
+    facts_max: int = 100_000
+    facts_max_age_s: float = 30 * 86_400.0
 
     @property
     def grace_s(self) -> float:

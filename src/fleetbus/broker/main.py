@@ -59,6 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="serve Prometheus metrics over HTTP on HOST:PORT (port 0: any)",
     )
+    parser.add_argument(
+        "--facts-max", type=int, help="facts retained per repository (100000)"
+    )
+    parser.add_argument(
+        "--facts-max-age-s",
+        type=int,
+        help="longest a fact is retained, in seconds (30 days)",
+    )
     parser.add_argument("--log-level", help="debug, info, warning or error")
     parser.add_argument(
         "--log-json",
@@ -89,6 +97,8 @@ def resolve(argv: list[str] | None = None) -> BrokerConfig:
         log_level=settings["log_level"],
         log_json=settings["log_json"],
         metrics=settings["metrics"],
+        facts_max=settings["facts_max"],
+        facts_max_age_s=settings["facts_max_age_s"],
     )
 
 

@@ -22,6 +22,7 @@ import zmq
 
 from fleetbus import __version__, log, wire
 from fleetbus.broker.config import BrokerConfig
+from fleetbus.broker.facts import FactService
 from fleetbus.broker.metrics import Gauge, Metrics, MetricsServer
 from fleetbus.broker.store import Store, StoreError
 from fleetbus.claims import ClaimTable, Limits, Now, Outcome
@@ -90,6 +91,7 @@ class Broker:
             "renew": self._on_renew,
             "leave": self._on_leave,
         }
+        self.facts = FactService(self)
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.pub = self.ctx.socket(zmq.PUB)
@@ -134,6 +136,7 @@ class Broker:
             self.tables[repo] = table
             for session in state.sessions:
                 self.session_repo[session.sid] = repo
+        self.facts.restore()
         self._replies.clear()
         since = now.wall - REQUEST_MEMORY_S
         for key, reply in self.store.load_requests(since).items():
@@ -261,6 +264,9 @@ class Broker:
             ttl = table.next_ttl()
             if ttl is not None:
                 due = min(due, now + (ttl - wall))
+        facts_due = self.facts.next_due()
+        if facts_due is not None:
+            due = min(due, now + (facts_due - wall))
         return max(0, min(1000, int((due - now) * 1000) + 1))
 
     def turn(self, *, drain: bool = True) -> None:
@@ -290,6 +296,7 @@ class Broker:
             )
             if due:
                 self._absorb(table.repo, table.tick(now))
+        self.facts.tick(now.wall)
 
     def _flush(self) -> None:
         if not self._outbox and not self._events and not self._dirty:
@@ -449,6 +456,7 @@ class Broker:
                 self._log_event(event)
                 self.metrics.event(event)
                 self._events.append((topic, event))
+            self.facts.observe(repo, outcome.events)
         for sid, rid, reply in outcome.deferred:
             ident = self._waiting.pop((sid, rid), None)
             body = {"rid": rid, **reply}
