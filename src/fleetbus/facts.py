@@ -44,6 +44,7 @@ __all__ = [
     "FactOutcome",
     "FactStreamTracker",
     "FactTable",
+    "FactTooLarge",
     "Kind",
     "StampedEvent",
     "State",
@@ -90,10 +91,20 @@ def check_kind(value: Any) -> Kind:
     return cast(Kind, value)
 
 
+class FactTooLarge(LimitExceeded):
+    """A fact's text, or its list of topics, is over its limit.
+
+    Refused like any limit (wire code ``limit``), but it is the caller's input
+    that is wrong, so a command exits with 2 as for a malformed fact.
+    """
+
+    exit_code = 2
+
+
 def check_body(value: Any, limit: int = MAX_BODY_BYTES) -> str:
     """``value`` as a fact's text: a non-empty string of at most ``limit`` bytes.
 
-    Too long is :class:`LimitExceeded` with ``limit="fact_bytes"``; anything
+    Too long is :class:`FactTooLarge` with ``limit="fact_bytes"``; anything
     else wrong is :class:`BadInput`.
     """
     if not isinstance(value, str):
@@ -102,7 +113,7 @@ def check_body(value: Any, limit: int = MAX_BODY_BYTES) -> str:
         raise BadInput("a fact's text is empty", field="body")
     size = len(value.encode("utf-8", "surrogatepass"))
     if size > limit:
-        raise LimitExceeded(
+        raise FactTooLarge(
             f"a fact's text is {size} bytes of UTF-8, more than {limit}",
             limit="fact_bytes",
             size=size,
@@ -312,7 +323,7 @@ class FactTable:
         topics: Iterable[Scope],
         body: str,
         *,
-        kind: str = "note",
+        kind: str | None = None,
         ttl_s: float | None = None,
         supersedes: str | None = None,
         now: float,
@@ -320,13 +331,16 @@ class FactTable:
         """Publish a fact; reply: the fact as stored.
 
         With ``supersedes``, the named live fact ends (reason ``superseded``)
-        and the new one names it; given no topics, it takes the old one's.
-        Retention by count may then drop the oldest facts.
+        and the new one names it; given no topics or kind, it takes the old
+        one's (else the kind is ``note``). Retention by count may then drop
+        the oldest facts.
         """
         old = self._live(supersedes) if supersedes is not None else None
         wanted = tuple(dict.fromkeys(topics))
         if not wanted and old is not None:
             wanted = old.topics
+        if kind is None:
+            kind = "note" if old is None else old.kind
         self._check(wanted, body, kind, ttl_s)
         seq = self.sequence.next_number()
         fact = Fact(
@@ -485,7 +499,7 @@ class FactTable:
             raise BadInput("a fact needs at least one topic", field="topics")
         most = self.limits.topics_per_fact
         if len(topics) > most:
-            raise LimitExceeded(
+            raise FactTooLarge(
                 f"a fact may have {most} topics, not {len(topics)}",
                 limit="topics_per_fact",
             )

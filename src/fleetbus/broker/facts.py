@@ -329,7 +329,7 @@ class FactService:
             claims.view.sessions[sid].name,
             topics,
             body,
-            kind=check_kind(message.get("kind", "note")),
+            kind=_optional_kind(message),
             ttl_s=None if ttl is None else float(ttl) / 1000,
             supersedes=supersedes,
             now=broker.clock.wall(),
@@ -356,10 +356,10 @@ class FactService:
 
     def _on_facts(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
         broker = self.broker
-        if message.get("sid") is not None:
-            repo = broker._session(message)[1].repo
-        else:
+        if message.get("repo") is not None:
             repo = _string(message, "repo", 512)
+        else:
+            repo = broker._session(message)[1].repo
         scopes = message.get("scopes")
         search = message.get("search")
         ids = None

@@ -1,0 +1,464 @@
+"""Learned facts in the session SDK: publish, query, follow, shown-once.
+
+:class:`FactsMixin` gives :class:`~fleetbus.client.session.AsyncSession` its
+fact methods and :class:`SyncFactsMixin` gives the blocking
+:class:`~fleetbus.client.session.Session` the same.
+
+Following a scope (:meth:`FactsMixin.subscribe`, and every scope the session
+claims once it follows facts at all) works like the claim replica: subscribe
+the event socket first and buffer, fetch the retained facts over the control
+channel, then take the live events that are newer. Each facts topic is a
+stream whose events carry ``prev``; a mismatch means an event was lost, and the
+session fetches what changed since over the control channel. Repeats (the same
+event on several topics, or a fact already in the retained set) are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fleetbus import log
+from fleetbus.errors import BadInput, FleetbusError
+from fleetbus.facts import Fact, FactEvent, FactFeed
+from fleetbus.repo import RepoInfo, resolve_scope
+from fleetbus.scope import Scope
+
+if TYPE_CHECKING:
+    from fleetbus.client.transport import Transport
+
+_log = log.get("fleetbus.client.facts")
+
+T = TypeVar("T")
+FactCallback = Callable[[FactEvent], None]
+
+_PAGE = 10_000
+# A SUB subscription reaches the broker's PUB some time after it is made, and
+# nothing tells when; events published in between are lost silently. One more
+# catch-up query a little later closes that window.
+_SETTLE_S = 0.5
+_MAX_BUFFER = 100_000
+
+
+class _FactsState:
+    """What a session keeps to follow facts: the feed, buffers and listeners."""
+
+    def __init__(self, repo: str) -> None:
+        self.feed = FactFeed(repo)
+        self.queues: list[asyncio.Queue[FactEvent | None]] = []
+        self.callbacks: list[FactCallback] = []
+        self.buffering = 0
+        self.buffer: list[tuple[bytes, dict[str, Any]]] = []
+        self.lock = asyncio.Lock()
+        self.high = 0
+
+
+class FactsMixin:
+    """The fact operations of an :class:`AsyncSession`."""
+
+    if TYPE_CHECKING:
+        sid: str
+        repo: RepoInfo
+        heartbeat_ms: int
+        _transport: Transport
+        _replica: bool
+        _closed: bool
+
+        async def _request(
+            self,
+            op: str,
+            *,
+            patience: float | None = None,
+            timeout: float | None = None,
+            **fields: Any,
+        ) -> dict[str, Any]: ...
+
+        def _spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
+
+        def on_event(self, callback: Callable[[dict[str, Any]], None]) -> None: ...
+
+        def claims(self, *, mine: bool = False) -> list[Any]: ...
+
+    _facts_state: _FactsState | None = None
+
+    # -- publishing -------------------------------------------------------------
+
+    async def publish(
+        self,
+        *topics: str,
+        text: str,
+        kind: str | None = None,
+        ttl: float | None = None,
+        supersedes: str | None = None,
+    ) -> Fact:
+        """Publish a fact on ``topics`` (paths, directories, globs, ``@names``).
+
+        ``kind`` is ``note`` (default), ``warning``, ``decision``, ``gotcha``
+        or ``question``; ``ttl`` (seconds) makes it expire; ``supersedes``
+        names a live fact it replaces (whose topics and kind it then takes
+        unless given). Returns the fact as the broker stored it. Raises
+        :class:`LimitExceeded` for a text over 4 KiB, :class:`BadInput` or
+        :class:`BadScope` for anything else malformed.
+        """
+        fields: dict[str, Any] = {
+            "topics": [resolve_scope(t, self.repo).text for t in topics],
+            "body": text,
+        }
+        if kind is not None:
+            fields["kind"] = kind
+        if ttl is not None:
+            if ttl <= 0:
+                raise BadInput("a fact's ttl must be > 0 seconds", field="ttl")
+            fields["ttl_ms"] = round(ttl * 1000)
+        if supersedes is not None:
+            fields["supersedes"] = supersedes
+        reply = await self._request("publish", **fields)
+        return Fact.from_wire(reply["fact"])
+
+    async def supersede(
+        self,
+        fact_id: str,
+        text: str,
+        *topics: str,
+        kind: str | None = None,
+        ttl: float | None = None,
+    ) -> Fact:
+        """Replace the live fact ``fact_id`` with a new one; see :meth:`publish`."""
+        return await self.publish(
+            *topics, text=text, kind=kind, ttl=ttl, supersedes=fact_id
+        )
+
+    async def retract(self, fact_id: str) -> Fact:
+        """Withdraw a fact this session published; :class:`NotOwner` otherwise."""
+        reply = await self._request("retract", id=fact_id)
+        return Fact.from_wire(reply["fact"])
+
+    # -- queries ----------------------------------------------------------------
+
+    async def facts(
+        self,
+        *scopes: str,
+        kind: str | None = None,
+        author: str | None = None,
+        since: int | float | datetime | timedelta | None = None,
+        search: str | None = None,
+        limit: int = 100,
+        include_history: bool = False,
+    ) -> list[Fact]:
+        """The retained facts with a topic overlapping one of ``scopes`` (or all).
+
+        ``author`` is a session id or name. ``since`` is a sequence number
+        (an ``int``), a wall time (a ``float`` or a ``datetime``) or an age
+        (a ``timedelta``). ``search`` keeps facts whose text has every word.
+        Superseded, retracted and expired facts come only with
+        ``include_history``. At most ``limit`` facts, oldest first.
+        """
+        fields: dict[str, Any] = {
+            "repo": self.repo.id,
+            "limit": limit,
+            "include_history": include_history,
+        }
+        if scopes:
+            fields["scopes"] = [resolve_scope(s, self.repo).text for s in scopes]
+        if kind is not None:
+            fields["kind"] = kind
+        if author is not None:
+            fields["author"] = author
+        if search is not None:
+            fields["search"] = search
+        fields.update(since_fields(since))
+        reply = await self._request("facts", **fields)
+        return [Fact.from_wire(data) for data in reply["facts"]]
+
+    async def unseen(
+        self, *scopes: str, mark: bool = True, limit: int = 100
+    ) -> list[Fact]:
+        """Live facts on ``scopes`` (default: this session's claims) not yet
+        shown to this session id, leaving out its own.
+
+        With ``mark``, the broker records them as shown in the same step, so
+        they are returned once, across reconnects and restarts.
+        """
+        fields: dict[str, Any] = {"mark": mark, "limit": limit}
+        if scopes:
+            fields["scopes"] = [resolve_scope(s, self.repo).text for s in scopes]
+        reply = await self._request("unseen", **fields)
+        return [Fact.from_wire(data) for data in reply["facts"]]
+
+    async def mark_seen(self, ids: Iterable[str]) -> list[str]:
+        """Record facts as shown to this session; returns the ids known."""
+        reply = await self._request("seen", ids=list(ids))
+        return [str(i) for i in reply["marked"]]
+
+    # -- following ----------------------------------------------------------------
+
+    async def subscribe(self, *scopes: str) -> list[Fact]:
+        """Follow facts on ``scopes``: returns the retained live ones that
+        overlap, and from then on delivers changes to :meth:`fact_events` and
+        :meth:`on_fact` listeners (the retained ones too, first)."""
+        state = self._facts_start()
+        return await self._follow(state, [resolve_scope(s, self.repo) for s in scopes])
+
+    def fact_events(self) -> AsyncIterator[FactEvent]:
+        """Changes to the facts this session follows, from now on.
+
+        Following starts with the first call (of this, :meth:`on_fact` or
+        :meth:`subscribe`) and covers every scope the session claims. The
+        iterator ends when the session closes.
+        """
+        state = self._facts_start()
+        queue: asyncio.Queue[FactEvent | None] = asyncio.Queue()
+        state.queues.append(queue)
+        return _iterate(state, queue)
+
+    def on_fact(self, callback: FactCallback) -> None:
+        """Call ``callback(event)`` for every event :meth:`fact_events` yields.
+
+        The callback runs on the session's event loop and must not block.
+        """
+        self._facts_start().callbacks.append(callback)
+
+    @property
+    def followed(self) -> list[Scope]:
+        """The scopes whose facts this session follows."""
+        state = self._facts_state
+        return [] if state is None else list(state.feed.scopes)
+
+    def _facts_start(self) -> _FactsState:
+        state = self._facts_state
+        if state is not None:
+            return state
+        if not self._replica:
+            raise BadInput("following facts needs a session with a replica")
+        state = self._facts_state = _FactsState(self.repo.id)
+        self.on_event(self._facts_on_claims)
+        held = [row.scope for row in self.claims(mine=True)]
+        if held:
+            self._spawn(self._follow_quietly(state, held))
+        return state
+
+    def _facts_on_claims(self, event: dict[str, Any]) -> None:
+        state = self._facts_state
+        if state is None:
+            return
+        kind = event.get("type")
+        if kind == "claim.granted" and event.get("sid") == self.sid:
+            scopes = [resolve_scope(row["scope"], self.repo) for row in event["claims"]]
+            self._spawn(self._follow_quietly(state, scopes))
+        elif kind in ("resync", "session.lost"):
+            self._spawn(self._settle(state, state.high))
+
+    async def _follow_quietly(self, state: _FactsState, scopes: list[Scope]) -> None:
+        try:
+            await self._follow(state, scopes)
+        except FleetbusError as exc:
+            _log.warning("facts.follow_failed", sid=self.sid, error=str(exc))
+
+    async def _follow(self, state: _FactsState, scopes: list[Scope]) -> list[Fact]:
+        added, prefixes = state.feed.follow(scopes)
+        if not added:
+            return []
+        state.buffering += 1
+        try:
+            for prefix in prefixes:
+                self._transport.subscribe(prefix)
+            facts, at = await self._fetch([s.text for s in added], since=None)
+            state.feed.tracker.subscribed(prefixes, at)
+            state.high = max(state.high, at)
+            events = state.feed.retained(facts)
+        finally:
+            state.buffering -= 1
+        self._facts_deliver(state, events)
+        if not state.buffering:
+            buffered, state.buffer = state.buffer, []
+            for topic, event in buffered:
+                self._facts_live(state, topic, event)
+        self._spawn(self._settle(state, at, delay=_SETTLE_S))
+        return [event.fact for event in events if event.fact is not None]
+
+    async def _fetch(
+        self, scopes: list[str], *, since: int | None
+    ) -> tuple[list[Fact], int]:
+        """Every fact on ``scopes``: live ones, or all that changed after ``since``.
+
+        Returns them and the sequence number of the first page.
+        """
+        out: list[Fact] = []
+        first: int | None = None
+        cursor = since
+        while True:
+            fields: dict[str, Any] = {
+                "repo": self.repo.id,
+                "scopes": scopes,
+                "limit": _PAGE,
+            }
+            if since is None:
+                fields["since"] = cursor or 0
+            else:
+                fields["changed_since"] = cursor
+            reply = await self._request("facts", **fields)
+            page = [Fact.from_wire(data) for data in reply["facts"]]
+            out.extend(page)
+            first = int(reply["seq"]) if first is None else first
+            if not reply.get("more") or not page:
+                return out, first
+            last = page[-1]
+            cursor = last.seq if since is None else last.changed
+
+    async def _settle(
+        self, state: _FactsState, since: int, *, delay: float = 0.0
+    ) -> None:
+        """Fetch what changed after ``since`` on the followed scopes."""
+        if delay:
+            await asyncio.sleep(delay)
+        if self._closed or not state.feed.scopes:
+            return
+        async with state.lock:
+            scopes = [scope.text for scope in state.feed.scopes]
+            try:
+                facts, at = await self._fetch(scopes, since=since)
+            except FleetbusError as exc:
+                _log.warning("facts.catch_up_failed", sid=self.sid, error=str(exc))
+                return
+            state.high = max(state.high, at)
+            self._facts_deliver(state, state.feed.retained(facts))
+
+    def _on_fact_event(self, topic: bytes, event: dict[str, Any]) -> None:
+        """Take one event of a facts stream from the event socket."""
+        state = self._facts_state
+        if state is None:
+            return
+        if state.buffering:
+            if len(state.buffer) < _MAX_BUFFER:
+                state.buffer.append((topic, event))
+            return
+        self._facts_live(state, topic, event)
+
+    def _facts_live(
+        self, state: _FactsState, topic: bytes, event: dict[str, Any]
+    ) -> None:
+        events, missed_after = state.feed.live(topic, event)
+        seq = event.get("seq")
+        if isinstance(seq, int):
+            state.high = max(state.high, seq)
+        if missed_after is not None:
+            _log.info("facts.gap", sid=self.sid, after=missed_after, seq=seq)
+            self._spawn(self._settle(state, missed_after))
+        self._facts_deliver(state, events)
+
+    def _facts_deliver(self, state: _FactsState, events: list[FactEvent]) -> None:
+        for event in events:
+            for queue in state.queues:
+                queue.put_nowait(event)
+            for callback in state.callbacks:
+                try:
+                    callback(event)
+                except Exception:
+                    _log.exception("facts.callback_failed", sid=self.sid)
+
+    def _facts_close(self) -> None:
+        """End every :meth:`fact_events` iterator."""
+        state = self._facts_state
+        if state is not None:
+            for queue in state.queues:
+                queue.put_nowait(None)
+
+
+async def _iterate(
+    state: _FactsState, queue: asyncio.Queue[FactEvent | None]
+) -> AsyncIterator[FactEvent]:
+    try:
+        while True:
+            item = await queue.get()
+            if item is None:
+                return
+            yield item
+    finally:
+        with contextlib.suppress(ValueError):
+            state.queues.remove(queue)
+
+
+def since_fields(since: int | float | datetime | timedelta | None) -> dict[str, Any]:
+    """The ``facts`` request fields for a ``since`` given as the SDK takes it."""
+    if since is None:
+        return {}
+    if isinstance(since, bool):
+        raise BadInput("'since' must be a seq, a time or an age", field="since")
+    if isinstance(since, int):
+        return {"since": since}
+    if isinstance(since, float):
+        return {"since_time": since}
+    if isinstance(since, datetime):
+        return {"since_time": since.timestamp()}
+    if isinstance(since, timedelta):
+        return {"since_time": datetime.now().timestamp() - since.total_seconds()}
+    raise BadInput("'since' must be a seq, a time or an age", field="since")
+
+
+class SyncFactsMixin:
+    """The fact operations of the blocking :class:`Session`."""
+
+    if TYPE_CHECKING:
+        from fleetbus.client.session import _LoopThread
+
+        _core: FactsMixin
+        _runner: _LoopThread
+
+    def publish(self, *topics: str, text: str, **options: Any) -> Fact:
+        """See :meth:`FactsMixin.publish`."""
+        return self._facts_run(self._core.publish(*topics, text=text, **options))
+
+    def supersede(self, fact_id: str, text: str, *topics: str, **options: Any) -> Fact:
+        """See :meth:`FactsMixin.supersede`."""
+        return self._facts_run(self._core.supersede(fact_id, text, *topics, **options))
+
+    def retract(self, fact_id: str) -> Fact:
+        """See :meth:`FactsMixin.retract`."""
+        return self._facts_run(self._core.retract(fact_id))
+
+    def facts(self, *scopes: str, **options: Any) -> list[Fact]:
+        """See :meth:`FactsMixin.facts`."""
+        return self._facts_run(self._core.facts(*scopes, **options))
+
+    def unseen(self, *scopes: str, mark: bool = True, limit: int = 100) -> list[Fact]:
+        """See :meth:`FactsMixin.unseen`."""
+        return self._facts_run(self._core.unseen(*scopes, mark=mark, limit=limit))
+
+    def mark_seen(self, ids: Iterable[str]) -> list[str]:
+        """See :meth:`FactsMixin.mark_seen`."""
+        return self._facts_run(self._core.mark_seen(list(ids)))
+
+    def subscribe(self, *scopes: str) -> list[Fact]:
+        """See :meth:`FactsMixin.subscribe`."""
+        return self._facts_run(self._core.subscribe(*scopes))
+
+    def on_fact(self, callback: FactCallback) -> None:
+        """See :meth:`FactsMixin.on_fact`; the callback runs on the loop thread."""
+        self._facts_run(_call(self._core.on_fact, callback))
+
+    def fact_events(self) -> Iterator[FactEvent]:
+        """See :meth:`FactsMixin.fact_events`; each step blocks for the next."""
+        stream = self._facts_run(_call(self._core.fact_events))
+        try:
+            while True:
+                try:
+                    yield self._facts_run(anext(stream))
+                except StopAsyncIteration:
+                    return
+        finally:
+            with contextlib.suppress(RuntimeError):
+                self._facts_run(stream.aclose())
+
+    def _facts_run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._runner.run(coro)
+
+
+async def _call(function: Callable[..., T], *args: Any) -> T:
+    """Run a plain call on the session's loop (it may create loop objects)."""
+    return function(*args)
+
+
+__all__ = ["FactCallback", "FactsMixin", "SyncFactsMixin", "since_fields"]
