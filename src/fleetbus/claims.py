@@ -463,7 +463,8 @@ class ClaimTable:
     ) -> Outcome:
         """Open a session, or resume a live one with the same ``sid``.
 
-        Reply: ``{"session": info, "resumed": bool}``. Resuming emits nothing.
+        Reply: ``{"session": info, "resumed": bool}``. Resuming renews the lease
+        and emits nothing; the name, meta and lease of the first join stay.
         """
         if sid in self.view.sessions:
             self.touch(sid, now)
@@ -533,22 +534,21 @@ class ClaimTable:
         if waiting is not None:
             return Outcome([], None, queued=self.view.waiters.index(waiting) + 1)
         wanted = self._check_claim(sid, scopes, mode, intent, ttl_s, wait_s)
-        held = self.view.conflicts(wanted, mode, sid)
-        if not wait_s:
+        if wait_s:
+            targets = self._wait_targets(sid, wanted, mode, len(self.view.waiters))
+            if targets:
+                cycle = self._find_cycle(sid, targets)
+                if cycle is not None:
+                    raise self._deadlock(cycle)
+                return self._queue(sid, rid, wanted, mode, intent, ttl_s, wait_s, now)
+        else:
+            held = self.view.conflicts(wanted, mode, sid)
             if held:
                 raise _conflict(held)
-            out = Outcome([], None)
-            out.reply = self._grant(sid, wanted, mode, intent, ttl_s, now, out)
-            return out
-        targets = self._wait_targets(sid, wanted, mode, len(self.view.waiters))
-        if not targets:
-            out = Outcome([], None)
-            out.reply = self._grant(sid, wanted, mode, intent, ttl_s, now, out)
-            return out
-        cycle = self._find_cycle(sid, targets)
-        if cycle is not None:
-            raise self._deadlock(cycle)
-        return self._queue(sid, rid, wanted, mode, intent, ttl_s, wait_s, now)
+
+        out = Outcome([], None)
+        out.reply = self._grant(sid, wanted, mode, intent, ttl_s, now, out)
+        return out
 
     def is_waiting(self, sid: str, rid: str) -> bool:
         """Whether request ``rid`` of ``sid`` is queued, so a retry must not be."""
@@ -640,11 +640,12 @@ class ClaimTable:
         self.touch(sid, now)
         _one_selector(grant=grant, ids=ids)
         _check_duration("ttl_s", ttl_s)
-        names = [grant] if grant is not None else list(ids or ())
-        rows = self._owned(sid, self._named(grant, names if ids is not None else None))
-        missing = [cid for cid in names if ids is not None and not self.view.get(cid)]
+        named = None if ids is None else list(ids)
+        rows = self._owned(sid, self._named(grant, named))
+        missing = [cid for cid in named or () if self.view.get(cid) is None]
         if not rows or missing:
-            raise BadInput(f"no held claim for {', '.join(missing or names)}")
+            what = ", ".join(missing) or grant or "no ids"
+            raise BadInput(f"no held claim to renew: {what}")
         expires = now.wall + ttl_s
         out = Outcome([], None)
         cids = [row.id for row in rows]
