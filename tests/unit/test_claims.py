@@ -820,3 +820,44 @@ def test_may_edit_is_fast_with_many_rows() -> None:
     assert not view.may_edit("pkg7/mod3.py", "s2")
     # Generous against slow CI machines; the design target is 5 microseconds.
     assert seconds / runs < 50e-6
+
+
+def test_force_release_by_ids_drops_an_emptied_attached_session(
+    fleet: Fleet,
+) -> None:
+    """Forcing out an attached session's last claim also ends that session."""
+    fleet.join("cli", leased=False)
+    out = fleet.claim("cli", "a", ttl_s=60)
+    assert out.reply is not None
+
+    forced = fleet.record(
+        fleet.table.force_release(ids=[out.reply["claims"][0]["id"]], by="ops", now=T0)
+    )
+
+    assert kinds(forced) == [("claim.released", "forced"), ("session.left", None)]
+
+
+def test_cancelled_wait_is_answered_with_a_refusal(fleet: Fleet) -> None:
+    """A wait ended by its own session's leave gets a refused reply, not silence."""
+    fleet.claim("s1", "a")
+    fleet.claim("s2", "a", wait_s=30, rid="w2")
+
+    out = fleet.record(fleet.table.leave("s2", T0))
+
+    ((sid, rid, reply),) = out.deferred
+    assert (sid, rid) == ("s2", "w2")
+    assert reply["error"]["code"] == "refused"
+    assert "session left" in reply["error"]["message"]
+
+
+def test_next_ttl_skips_released_and_renewed_rows(fleet: Fleet) -> None:
+    """The next TTL is that of a row still held, at its latest expiry."""
+    first = fleet.claim("s1", "a", ttl_s=10)
+    fleet.claim("s1", "b", ttl_s=20)
+    assert first.reply is not None
+
+    fleet.release("s1", grant=first.reply["grant"])
+    assert fleet.table.next_ttl() == at(20).wall
+
+    fleet.table.renew("s1", ids=[fleet.table.view.claims()[0].id], ttl_s=50, now=T0)
+    assert fleet.table.next_ttl() == at(50).wall
