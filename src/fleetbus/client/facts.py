@@ -200,7 +200,9 @@ class FactsMixin:
         overlap, and from then on delivers changes to :meth:`fact_events` and
         :meth:`on_fact` listeners (the retained ones too, first)."""
         state = self._facts_start()
-        return await self._follow(state, [resolve_scope(s, self.repo) for s in scopes])
+        return await self._facts_follow(
+            state, [resolve_scope(s, self.repo) for s in scopes]
+        )
 
     def fact_events(self) -> AsyncIterator[FactEvent]:
         """Changes to the facts this session follows, from now on.
@@ -237,7 +239,7 @@ class FactsMixin:
         self.on_event(self._facts_on_claims)
         held = [row.scope for row in self.claims(mine=True)]
         if held:
-            self._spawn(self._follow_quietly(state, held))
+            self._spawn(self._facts_follow_quietly(state, held))
         return state
 
     def _facts_on_claims(self, event: dict[str, Any]) -> None:
@@ -247,17 +249,21 @@ class FactsMixin:
         kind = event.get("type")
         if kind == "claim.granted" and event.get("sid") == self.sid:
             scopes = [resolve_scope(row["scope"], self.repo) for row in event["claims"]]
-            self._spawn(self._follow_quietly(state, scopes))
+            self._spawn(self._facts_follow_quietly(state, scopes))
         elif kind in ("resync", "session.lost"):
-            self._spawn(self._settle(state, state.high))
+            self._spawn(self._facts_catch_up(state, state.high))
 
-    async def _follow_quietly(self, state: _FactsState, scopes: list[Scope]) -> None:
+    async def _facts_follow_quietly(
+        self, state: _FactsState, scopes: list[Scope]
+    ) -> None:
         try:
-            await self._follow(state, scopes)
+            await self._facts_follow(state, scopes)
         except FleetbusError as exc:
             _log.warning("facts.follow_failed", sid=self.sid, error=str(exc))
 
-    async def _follow(self, state: _FactsState, scopes: list[Scope]) -> list[Fact]:
+    async def _facts_follow(
+        self, state: _FactsState, scopes: list[Scope]
+    ) -> list[Fact]:
         added, prefixes = state.feed.follow(scopes)
         if not added:
             return []
@@ -265,7 +271,7 @@ class FactsMixin:
         try:
             for prefix in prefixes:
                 self._transport.subscribe(prefix)
-            facts, at = await self._fetch([s.text for s in added], since=None)
+            facts, at = await self._facts_fetch([s.text for s in added], since=None)
             state.feed.tracker.subscribed(prefixes, at)
             state.high = max(state.high, at)
             events = state.feed.retained(facts)
@@ -276,10 +282,10 @@ class FactsMixin:
             buffered, state.buffer = state.buffer, []
             for topic, event in buffered:
                 self._facts_live(state, topic, event)
-        self._spawn(self._settle(state, at, delay=_SETTLE_S))
+        self._spawn(self._facts_catch_up(state, at, delay=_SETTLE_S))
         return [event.fact for event in events if event.fact is not None]
 
-    async def _fetch(
+    async def _facts_fetch(
         self, scopes: list[str], *, since: int | None
     ) -> tuple[list[Fact], int]:
         """Every fact on ``scopes``: live ones, or all that changed after ``since``.
@@ -308,7 +314,7 @@ class FactsMixin:
             last = page[-1]
             cursor = last.seq if since is None else last.changed
 
-    async def _settle(
+    async def _facts_catch_up(
         self, state: _FactsState, since: int, *, delay: float = 0.0
     ) -> None:
         """Fetch what changed after ``since`` on the followed scopes."""
@@ -319,7 +325,7 @@ class FactsMixin:
         async with state.lock:
             scopes = [scope.text for scope in state.feed.scopes]
             try:
-                facts, at = await self._fetch(scopes, since=since)
+                facts, at = await self._facts_fetch(scopes, since=since)
             except FleetbusError as exc:
                 _log.warning("facts.catch_up_failed", sid=self.sid, error=str(exc))
                 return
@@ -346,7 +352,7 @@ class FactsMixin:
             state.high = max(state.high, seq)
         if missed_after is not None:
             _log.info("facts.gap", sid=self.sid, after=missed_after, seq=seq)
-            self._spawn(self._settle(state, missed_after))
+            self._spawn(self._facts_catch_up(state, missed_after))
         self._facts_deliver(state, events)
 
     def _facts_deliver(self, state: _FactsState, events: list[FactEvent]) -> None:
