@@ -17,7 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from collections.abc import (
+    AsyncGenerator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+)
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -204,7 +210,7 @@ class FactsMixin:
             state, [resolve_scope(s, self.repo) for s in scopes]
         )
 
-    def fact_events(self) -> AsyncIterator[FactEvent]:
+    def fact_events(self) -> AsyncGenerator[FactEvent, None]:
         """Changes to the facts this session follows, from now on.
 
         Following starts with the first call (of this, :meth:`on_fact` or
@@ -375,7 +381,7 @@ class FactsMixin:
 
 async def _iterate(
     state: _FactsState, queue: asyncio.Queue[FactEvent | None]
-) -> AsyncIterator[FactEvent]:
+) -> AsyncGenerator[FactEvent, None]:
     try:
         while True:
             item = await queue.get()
@@ -451,7 +457,7 @@ class SyncFactsMixin:
         try:
             while True:
                 try:
-                    yield self._facts_run(anext(stream))
+                    yield self._facts_run(_next(stream))
                 except StopAsyncIteration:
                     return
         finally:
@@ -460,6 +466,10 @@ class SyncFactsMixin:
 
     def _facts_run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._runner.run(coro)
+
+
+async def _next(stream: AsyncGenerator[FactEvent, None]) -> FactEvent:
+    return await anext(stream)
 
 
 async def _call(function: Callable[..., T], *args: Any) -> T:
