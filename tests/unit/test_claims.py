@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import timeit
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -802,8 +801,8 @@ def test_may_edit_and_holders(fleet: Fleet) -> None:
     assert [row.sid for row in view.holders("src/b/c.py")] == ["s1"]
 
 
-def test_may_edit_is_fast_with_many_rows() -> None:
-    """may_edit answers from the index, in microseconds with 10,000 rows."""
+def test_may_edit_is_exact_with_many_rows() -> None:
+    """may_edit stays exact with 10,000 rows held (its speed is a benchmark)."""
     fleet = Fleet(ClaimTable(REPO, Sequence(), Limits(claims_per_session=10_000)))
     fleet.join("s1")
     for n in range(100):
@@ -812,14 +811,10 @@ def test_may_edit_is_fast_with_many_rows() -> None:
     view = fleet.table.view
     assert len(view) == 10_000
 
-    runs = 2000
-    seconds = min(
-        timeit.repeat(lambda: view.may_edit("pkg7/mod3.py", "s2"), number=runs)
-    )
-
     assert not view.may_edit("pkg7/mod3.py", "s2")
-    # Generous against slow CI machines; the design target is 5 microseconds.
-    assert seconds / runs < 50e-6
+    assert not view.may_edit("pkg99/sub/file49.py", "s2")
+    assert view.may_edit("pkg7/mod50.py", "s2")
+    assert view.may_edit("pkg7/mod3.py", "s1")
 
 
 def test_force_release_by_ids_drops_an_emptied_attached_session(
