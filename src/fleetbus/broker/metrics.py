@@ -99,6 +99,7 @@ class Metrics:
         self.commit_time = Histogram(LATENCY_BUCKETS)
         self.batch_size = Histogram(BATCH_BUCKETS)
         self._received: list[tuple[str, float]] = []
+        self._last_fact_seq: Any = None
 
     # -- hooks of the loop ----------------------------------------------------
 
@@ -143,8 +144,15 @@ class Metrics:
 
     def sent(self, events: list[tuple[bytes, dict[str, Any]]]) -> None:
         """Events went out on the PUB socket."""
-        for topic, _event in events:
-            self.published[_STREAM_OF_KIND.get(topic[:1], "other")] += 1
+        for topic, event in events:
+            stream = _STREAM_OF_KIND.get(topic[:1], "other")
+            self.published[stream] += 1
+            # A fact goes out once per topic prefix, as adjacent copies.
+            if stream == "facts" and event.get("type") == "fact.published":
+                seq = event.get("seq")
+                if seq != self._last_fact_seq:
+                    self.facts_published += 1
+                    self._last_fact_seq = seq
 
     def committed(self, seconds: float) -> None:
         """A batch was committed in ``seconds``."""
@@ -259,7 +267,7 @@ class Metrics:
             ),
             (
                 "fleetbus_facts_delivered_total",
-                "Facts sent to sessions in replies.",
+                "Facts handed to sessions as new to them.",
                 self.facts_delivered,
             ),
             (

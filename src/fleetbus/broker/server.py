@@ -499,7 +499,11 @@ class Broker:
         return sid, table
 
     def _on_ping(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
-        self._reply(ident, rid, {"epoch": self.epoch, "version": __version__})
+        self._reply(
+            ident,
+            rid,
+            {"epoch": self.epoch, "version": __version__, "time": self.clock.wall()},
+        )
 
     def _on_hello(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
         repo = _text(message, "repo", MAX_REPO_LEN)
