@@ -51,6 +51,7 @@ from typing import IO, Any
 
 from fleetbus import log
 from fleetbus.agents.hookclient import EXIT_BUSY, sidecar_file
+from fleetbus.claims import Claim
 from fleetbus.client.session import AsyncSession
 from fleetbus.errors import (
     BadInput,
@@ -202,6 +203,7 @@ class Sidecar:
         if session is not None:
             with contextlib.suppress(FleetbusError, TimeoutError):
                 await asyncio.wait_for(session.close(leave=True), _LEAVE_TIMEOUT_S)
+            await self._forget(None)
 
     async def _live(self) -> AsyncSession:
         """The joined session; :class:`BrokerUnavailable` while there is none."""
@@ -280,6 +282,7 @@ class Sidecar:
                     holders = list(exc.details.get("holders", []))
                 else:
                     claimed = [row.scope.text for row in grant.claims]
+                    await self._record(grant.claims)
         facts = await self._unseen(session, inside) if request.get("facts", 1) else []
         return {
             "inside": inside,
@@ -356,6 +359,7 @@ class Sidecar:
             ttl=_seconds(request, "ttl"),
             wait=_seconds(request, "wait"),
         )
+        await self._record(grant.claims)
         return {
             "grant": grant.id,
             "fence": grant.fence,
@@ -370,6 +374,7 @@ class Sidecar:
             grant=str(grant) if grant is not None else None,
             all=bool(request.get("all", False)),
         )
+        await self._forget(released)
         return {"released": released}
 
     async def _claims(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -399,6 +404,28 @@ class Sidecar:
         return {"fact": _fact_wire(fact)}
 
     # -- helpers --------------------------------------------------------------
+
+    async def _record(self, claims: list[Claim]) -> None:
+        """Note the grant's fencing tokens where the git guard checks them."""
+        from fleetbus.agents import gitguard
+
+        try:
+            await asyncio.to_thread(
+                gitguard.record_grant, self.repo.root, self.session_id, claims
+            )
+        except (FleetbusError, OSError) as exc:
+            _log.debug("sidecar.fences_not_recorded", error=str(exc))
+
+    async def _forget(self, ids: list[str] | None) -> None:
+        """Drop recorded fences of released claims (of all when ``ids`` is None)."""
+        from fleetbus.agents import gitguard
+
+        try:
+            await asyncio.to_thread(
+                gitguard.forget_claims, self.repo.root, self.session_id, ids
+            )
+        except (FleetbusError, OSError) as exc:
+            _log.debug("sidecar.fences_not_forgotten", error=str(exc))
 
     def _inside(self, paths: Iterable[str]) -> list[str]:
         """The repo-relative form of each path inside the worktree, once each."""
