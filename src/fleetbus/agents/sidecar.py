@@ -28,7 +28,8 @@ Operations, by ``op``:
 ``release``     ``scopes``, ``grant`` or ``all``
 ``claims``      ``mine``: the claim rows of the replica
 ``holders``     ``path``: the claims that match it
-``publish``     ``topics``, ``text``, ``kind``: share a fact
+``publish``     ``topics``, ``text``, ``kind``, ``ttl``, ``supersedes``
+``retract``     ``id``: withdraw a fact this session published
 ==============  =====================================================
 """
 
@@ -121,6 +122,7 @@ class Sidecar:
             "claims": self._claims,
             "holders": self._holders,
             "publish": self._publish,
+            "retract": self._retract,
         }
 
     def __repr__(self) -> str:
@@ -394,14 +396,30 @@ class Sidecar:
         publish = getattr(session, "publish", None)
         if publish is None:
             raise BadInput("this fleetbus client cannot publish facts")
+        options = {
+            key: request[key]
+            for key in ("kind", "supersedes")
+            if isinstance(request.get(key), str)
+        }
         fact = await _maybe_await(
             publish(
                 *_strings(request, "topics"),
                 text=str(request.get("text") or ""),
-                kind=str(request.get("kind") or "note"),
+                ttl=_seconds(request, "ttl"),
+                **options,
             )
         )
         return {"fact": _fact_wire(fact)}
+
+    async def _retract(self, request: dict[str, Any]) -> dict[str, Any]:
+        session = await self._live()
+        retract = getattr(session, "retract", None)
+        fact_id = request.get("id")
+        if retract is None:
+            raise BadInput("this fleetbus client cannot retract facts")
+        if not isinstance(fact_id, str):
+            raise BadInput("retract needs an 'id'", field="id")
+        return {"fact": _fact_wire(await _maybe_await(retract(fact_id)))}
 
     # -- helpers --------------------------------------------------------------
 
