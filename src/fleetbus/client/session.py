@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fleetbus import log, wire
-from fleetbus.claims import Claim, ClaimView
+from fleetbus.claims import Claim, ClaimView, SessionInfo
+from fleetbus.client.facts import FactsMixin, SyncFactsMixin
 from fleetbus.client.transport import Transport, open_transport
 from fleetbus.errors import (
     BadInput,
@@ -43,7 +44,11 @@ from fleetbus.errors import (
 from fleetbus.paths import resolve_url
 from fleetbus.repo import RepoInfo, discover, repo_path, resolve_scope
 
-_log = log.get("fleetbus.client")
+
+def _log() -> Any:
+    # Bound when used, not at import, so that a later log.configure() applies.
+    return log.get("fleetbus.client")
+
 
 T = TypeVar("T")
 EventCallback = Callable[[dict[str, Any]], None]
@@ -101,7 +106,7 @@ def default_meta(repo: RepoInfo) -> dict[str, Any]:
     }
 
 
-class AsyncSession:
+class AsyncSession(FactsMixin):
     """One session of the fleet, on asyncio; build one with :meth:`connect`."""
 
     sid: str
@@ -120,17 +125,20 @@ class AsyncSession:
         meta: dict[str, Any],
         timeout: float,
         replica: bool,
+        join: bool = True,
     ) -> None:
         self.sid = sid
         self.name = name
         self.repo = repo
         self.epoch = 0
-        self.leased = leased
+        self.leased = leased and join
+        self.joins = join
         self.meta = meta
         self.timeout = timeout
         self.lease_ms = 0
         self.heartbeat_ms = 0
         self._transport = transport
+        self.url = transport.url
         self._replica = replica
         self._view = ClaimView()
         self._view_lock = threading.Lock()
@@ -172,12 +180,15 @@ class AsyncSession:
         meta: dict[str, Any] | None = None,
         timeout: float = 5.0,
         replica: bool = True,
+        join: bool = True,
     ) -> AsyncSession:
         """Join the fleet of ``repo`` (default: the cwd's) at the broker ``url``.
 
         ``leased=False`` attaches without a lease, for short-lived commands
         whose claims carry a TTL. ``replica=False`` skips the claim replica:
         :meth:`holders`, :meth:`may_edit` and :meth:`events` then have nothing.
+        ``join=False`` watches without joining: no lease, no claims, but the
+        replica, events and queries work.
         Raises :class:`BrokerUnavailable` when the broker does not answer
         within ``timeout`` seconds.
         """
@@ -192,6 +203,7 @@ class AsyncSession:
             meta={**default_meta(info), **(meta or {})},
             timeout=timeout,
             replica=replica,
+            join=join,
         )
         try:
             await session._start()
@@ -222,7 +234,7 @@ class AsyncSession:
         """
         if self._closed:
             return
-        if leave and self._generation:
+        if leave and self.joins and self._generation:
             with contextlib.suppress(FleetbusError):
                 await self._request("leave", timeout=_LEAVE_TIMEOUT_S)
         self._closed = True
@@ -236,6 +248,7 @@ class AsyncSession:
         self._transport.close()
         for queue in self._queues:
             queue.put_nowait(None)
+        self._facts_close()
         for waiter in self._synced_waiters:
             if not waiter.done():
                 waiter.set_exception(SessionClosed("the session was closed"))
@@ -359,6 +372,12 @@ class AsyncSession:
         with self._view_lock:
             return list(self._view.claims(self.sid if mine else None))
 
+    @property
+    def sessions(self) -> dict[str, SessionInfo]:
+        """The sessions of the fleet as the replica knows them, by sid."""
+        with self._view_lock:
+            return dict(self._view.sessions)
+
     def view_snapshot(self) -> dict[str, Any]:
         """The replica's state, in the shape of a ``snapshot`` reply."""
         with self._view_lock:
@@ -382,7 +401,10 @@ class AsyncSession:
         if not self._replica:
             raise BadInput("this session keeps no replica")
         if seq is None:
-            reply = await self._request("heartbeat")
+            if self.joins:
+                reply = await self._request("heartbeat")
+            else:
+                reply = await self._request("snapshot", repo=self.repo.id)
             self._check_epoch(reply)
             seq = int(reply["head"])
         loop = asyncio.get_running_loop()
@@ -407,7 +429,7 @@ class AsyncSession:
         try:
             await self.wait_synced(seq)
         except TimedOut:
-            _log.warning("replica.lagging", sid=self.sid, seq=seq)
+            _log().warning("replica.lagging", sid=self.sid, seq=seq)
 
     def _wake_synced(self) -> None:
         for waiter in self._synced_waiters:
@@ -456,7 +478,7 @@ class AsyncSession:
             try:
                 callback(event)
             except Exception:
-                _log.exception("callback.failed", sid=self.sid)
+                _log().exception("callback.failed", sid=self.sid)
 
     # -- requests -------------------------------------------------------------
 
@@ -483,7 +505,7 @@ class AsyncSession:
         try:
             return await self._exchange(message, patience, timeout)
         except UnknownSession:
-            if op in ("hello", "leave") or self._closed:
+            if op in ("hello", "leave") or self._closed or not self.joins:
                 raise
         await self._lost(generation)
         return await self._exchange(message, patience, timeout)
@@ -542,7 +564,7 @@ class AsyncSession:
         pending = self._pending.get(reply.get("rid"))  # type: ignore[arg-type]
         if pending is None:
             if reply.get("rid") is None:
-                _log.warning("reply.protocol_error", error=reply.get("error"))
+                _log().warning("reply.protocol_error", error=reply.get("error"))
             return
         if reply.get("ok") and reply.get("queued"):
             pending.queued = True
@@ -555,27 +577,30 @@ class AsyncSession:
     # -- joining, leases, recovery --------------------------------------------
 
     async def _join(self) -> None:
-        reply = await self._request(
-            "hello",
-            repo=self.repo.id,
-            name=self.name,
-            meta=self.meta,
-            lease=self.leased,
-        )
+        if self.joins:
+            reply = await self._request(
+                "hello",
+                repo=self.repo.id,
+                name=self.name,
+                meta=self.meta,
+                lease=self.leased,
+            )
+        else:
+            reply = await self._request("status", repo=self.repo.id)
         self.epoch = int(reply["epoch"])
         self.lease_ms = int(reply.get("lease_ms", 5000))
         self.heartbeat_ms = int(reply.get("heartbeat_ms", self.lease_ms // 3))
         if self._replica:
             self._transport.attach_events(reply["pub"])
         self._generation += 1
-        _log.debug("session.joined", sid=self.sid, epoch=self.epoch)
+        _log().debug("session.joined", sid=self.sid, epoch=self.epoch)
 
     async def _lost(self, generation: int) -> None:
         """The broker forgot us: say so, then join again (once for all callers)."""
         async with self._rejoin_lock:
             if generation != self._generation:
                 return
-            _log.warning("session.lost", sid=self.sid, epoch=self.epoch)
+            _log().warning("session.lost", sid=self.sid, epoch=self.epoch)
             self._emit({"type": "session.lost", "sid": self.sid, "reason": "unknown"})
             await self._join()
         self._resend_queued()
@@ -587,7 +612,7 @@ class AsyncSession:
             try:
                 reply = await self._request("heartbeat")
             except FleetbusError as exc:
-                _log.warning("heartbeat.failed", sid=self.sid, error=str(exc))
+                _log().warning("heartbeat.failed", sid=self.sid, error=str(exc))
                 continue
             self._check_epoch(reply)
 
@@ -615,7 +640,7 @@ class AsyncSession:
                 if self._replica:
                     await self._sync()
             except FleetbusError as exc:
-                _log.warning("repair.failed", sid=self.sid, error=str(exc))
+                _log().warning("repair.failed", sid=self.sid, error=str(exc))
                 self._want_repair()
                 await asyncio.sleep(_REPAIR_BACKOFF_S)
 
@@ -643,14 +668,17 @@ class AsyncSession:
             if not self._apply(event):
                 break
         self._wake_synced()
-        _log.debug("replica.synced", sid=self.sid, head=self._applied)
+        _log().debug("replica.synced", sid=self.sid, head=self._applied)
         if not first:
             self._emit({"type": "resync", "epoch": self.epoch, "head": self._applied})
 
     async def _read_events(self) -> None:
         while True:
-            for _topic, event in await self._transport.events():
-                self._on_event(event)
+            for topic, event in await self._transport.events():
+                if topic.startswith(wire.FACTS_KIND):
+                    self._on_fact_event(topic, event)
+                else:
+                    self._on_event(event)
 
     def _on_event(self, event: dict[str, Any]) -> None:
         if event.get("type") == "heartbeat":
@@ -673,7 +701,7 @@ class AsyncSession:
         if not isinstance(seq, int) or seq <= self._applied:
             return True
         if event.get("prev") != self._applied:
-            _log.info(
+            _log().info(
                 "replica.gap", sid=self.sid, applied=self._applied, prev=event["prev"]
             )
             self._want_repair()
@@ -711,13 +739,16 @@ class _LoopThread:
         self.loop.close()
 
 
-class Session:
+class Session(SyncFactsMixin):
     """The blocking form of :class:`AsyncSession`; build one with :func:`connect`.
 
     One private event-loop thread runs the core; every method blocks until the
     core has done its part. Replica reads (:meth:`holders`, :meth:`may_edit`,
     :meth:`claims`) do not cross threads.
     """
+
+    _core: AsyncSession
+    _runner: _LoopThread
 
     def __init__(self, core: AsyncSession, runner: _LoopThread) -> None:
         self._core = core

@@ -16,9 +16,14 @@ import zmq.asyncio
 
 from fleetbus import log
 from fleetbus.errors import BadInput, BrokerUnavailable, FleetbusError
+from fleetbus.security import apply_client_curve
 from fleetbus.wire import decode, encode
 
-_log = log.get("fleetbus.client.transport")
+
+def _log() -> Any:
+    # Bound when used, not at import, so that a later log.configure() applies.
+    return log.get("fleetbus.client.transport")
+
 
 Event = tuple[bytes, dict[str, Any]]
 
@@ -87,6 +92,7 @@ class ZmqTransport:
     def _socket(self, kind: int) -> zmq.asyncio.Socket:
         sock = self._ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        apply_client_curve(sock, self.url)
         return sock
 
     def send(self, message: dict[str, Any]) -> None:
@@ -94,7 +100,7 @@ class ZmqTransport:
         try:
             self._control_sync.send(encode(message), zmq.NOBLOCK)
         except zmq.Again:
-            _log.debug("request.dropped", rid=message.get("rid"))
+            _log().debug("request.dropped", rid=message.get("rid"))
         except zmq.ZMQError as exc:
             raise BrokerUnavailable(f"cannot send to {self.url}: {exc}") from exc
 
@@ -147,7 +153,7 @@ def _drain(sock: zmq.Socket[Any], *, topic: bool) -> list[Event]:
         try:
             body = decode(frames[-1])
         except FleetbusError as exc:
-            _log.warning("message.undecodable", error=str(exc))
+            _log().warning("message.undecodable", error=str(exc))
             continue
         out.append((frames[0] if topic and len(frames) > 1 else b"", body))
     return out
