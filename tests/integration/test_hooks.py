@@ -184,7 +184,7 @@ def snapshot(url: str, repo_id: str) -> dict[str, Any]:
     try:
         sock.connect(url)
         sock.send(orjson.dumps({"op": "snapshot", "rid": "t", "repo": repo_id}))
-        assert sock.poll(5000), "the broker did not answer a snapshot"
+        assert sock.poll(10_000), "the broker did not answer a snapshot"
         reply: dict[str, Any] = orjson.loads(sock.recv())
     finally:
         sock.close(linger=0)
