@@ -48,5 +48,11 @@ def configure(
 
 
 def get(name: str, **context: Any) -> Any:
-    """A logger bound to a component name and any fixed context."""
+    """A logger bound to a component name and any fixed context.
+
+    A program that embeds the SDK without configuring structlog itself gets
+    warnings and errors on stderr only, never debug lines on its stdout.
+    """
+    if not structlog.is_configured():
+        configure("warning")
     return structlog.get_logger(name).bind(component=name, **context)
