@@ -121,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("path", metavar="PATH")
     who.set_defaults(run=_run_who)
 
+    from fleetbus.cli_facts import register as add_fact_commands
+
+    add_fact_commands(add)
+
     _add_agent_commands(commands)
     from fleetbus.ops.args import add_commands as add_operating_commands
 
