@@ -8,7 +8,8 @@ without changing the session code.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import asyncio
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 import zmq
@@ -65,9 +66,15 @@ def open_transport(url: str) -> Transport:
 class ZmqTransport:
     """A DEALER for requests and a SUB for events, on ``zmq.asyncio``.
 
-    Receiving waits once for readability, then drains with non-blocking
+    Receiving awaits one message, then drains the rest with non-blocking
     receives on a synchronous shadow of the same socket: awaiting every message
     costs several times more per message.
+
+    Sends go through the asyncio socket, never the shadow. A ZeroMQ socket
+    signals readiness by edges on one file descriptor, and any operation can
+    consume a pending edge; only the asyncio socket's own operations re-check
+    the socket's state afterwards, so a send on the shadow could leave a reply
+    waiting unseen.
     """
 
     def __init__(self, url: str, context: zmq.asyncio.Context | None = None) -> None:
@@ -98,16 +105,24 @@ class ZmqTransport:
     def send(self, message: dict[str, Any]) -> None:
         """Queue one request; a full queue drops it, as a lost packet would."""
         try:
-            self._control_sync.send(encode(message), zmq.NOBLOCK)
-        except zmq.Again:
-            _log().debug("request.dropped", rid=message.get("rid"))
+            sent = cast(
+                "asyncio.Future[Any]",
+                self._control.send(encode(message), zmq.NOBLOCK),
+            )
         except zmq.ZMQError as exc:
             raise BrokerUnavailable(f"cannot send to {self.url}: {exc}") from exc
+        error = sent.exception() if sent.done() else None
+        if isinstance(error, zmq.Again):
+            _log().debug("request.dropped", rid=message.get("rid"))
+        elif error is not None:
+            raise BrokerUnavailable(f"cannot send to {self.url}: {error}") from error
 
     async def replies(self) -> list[dict[str, Any]]:
-        """Every reply ready once the control socket turns readable."""
-        await self._control.poll()
-        return [body for _, body in _drain(self._control_sync, topic=False)]
+        """The next reply and every other one already in."""
+        frames = await self._control.recv_multipart()
+        first = _decode(frames)
+        rest = [body for _, body in _drain(self._control_sync, topic=False)]
+        return rest if first is None else [first, *rest]
 
     def attach_events(self, pub: Any) -> None:
         """Connect (or move) the SUB to the broker's publisher."""
@@ -126,8 +141,13 @@ class ZmqTransport:
             self._topics.append(topic)
 
     async def events(self) -> list[Event]:
-        """Every event ready once the SUB turns readable."""
-        await self._events.poll()
+        """Every event ready once the SUB turns readable (possibly none).
+
+        Subscribing changes the socket outside the asyncio wrapper, which can
+        swallow a readiness edge; the bounded wait makes such a loss cost at
+        most a fraction of a second instead of a stall.
+        """
+        await self._events.poll(timeout=_EVENT_RECHECK_MS)
         return _drain(self._events_sync, topic=True)
 
     def close(self) -> None:
@@ -137,6 +157,8 @@ class ZmqTransport:
             if sock is not None and not sock.closed:
                 sock.close(linger=0)
 
+
+_EVENT_RECHECK_MS = 250
 
 # One drain never takes more than this many messages, so that a flood on one
 # socket cannot starve the other tasks of the event loop.
@@ -150,13 +172,18 @@ def _drain(sock: zmq.Socket[Any], *, topic: bool) -> list[Event]:
             frames = sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             break
-        try:
-            body = decode(frames[-1])
-        except FleetbusError as exc:
-            _log().warning("message.undecodable", error=str(exc))
-            continue
-        out.append((frames[0] if topic and len(frames) > 1 else b"", body))
+        body = _decode(frames)
+        if body is not None:
+            out.append((frames[0] if topic and len(frames) > 1 else b"", body))
     return out
+
+
+def _decode(frames: list[bytes]) -> dict[str, Any] | None:
+    try:
+        return decode(frames[-1])
+    except FleetbusError as exc:
+        _log().warning("message.undecodable", error=str(exc))
+        return None
 
 
 def pub_address(url: str, pub: Any) -> str:
