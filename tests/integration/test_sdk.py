@@ -237,8 +237,8 @@ async def test_killed_process_loses_its_claims(
 async def test_idle_session_keeps_its_claims(
     broker_factory: Callable[..., BrokerProcess], repo: RepoInfo
 ) -> None:
-    """With a 300 ms lease, an idle live session holds on for five leases."""
-    broker = broker_factory("short", lease_ms=300)
+    """With a 600 ms lease, an idle live session holds on for five leases."""
+    broker = broker_factory("short", lease_ms=600)
     idle = await AsyncSession.connect(broker.url, repo=repo, session_id="idle")
     other = await AsyncSession.connect(broker.url, repo=repo, session_id="other")
     try:
@@ -249,7 +249,7 @@ async def test_idle_session_keeps_its_claims(
         # the timeout is the assertion, not a pause.
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(
-                next_event(stream, lambda e: e.get("sid") == "idle"), 1.5
+                next_event(stream, lambda e: e.get("sid") == "idle"), 3.0
             )
 
         with pytest.raises(Conflict):
