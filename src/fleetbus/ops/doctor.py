@@ -123,6 +123,8 @@ def check_socket(url: str) -> list[Check]:
         host = url[len("tcp://") :].rsplit(":", 1)[0]
         if host in ("127.0.0.1", "localhost", "[::1]"):
             return [Check("socket", "ok", f"{url} is on loopback")]
+        if os.environ.get("FLEETBUS_SERVER_KEY"):
+            return [Check("socket", "ok", f"{url} is encrypted with CURVE")]
         return [
             Check(
                 "socket",

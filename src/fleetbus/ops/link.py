@@ -17,6 +17,7 @@ import zmq
 from fleetbus import config, paths, wire
 from fleetbus.client.transport import pub_address
 from fleetbus.errors import BrokerUnavailable, FleetbusError, error_from_wire
+from fleetbus.security import apply_client_curve
 
 DEFAULT_TIMEOUT_S = 3.0
 
@@ -47,6 +48,7 @@ class Link:
         self.ctx = zmq.Context()
         self.dealer = self.ctx.socket(zmq.DEALER)
         self.dealer.setsockopt(zmq.LINGER, 0)
+        apply_client_curve(self.dealer, url)
         self.dealer.connect(url)
         self.sub: zmq.Socket[Any] | None = None
         self._prefix = secrets.token_hex(4)
@@ -96,7 +98,9 @@ class Link:
         self.sub.setsockopt(zmq.RCVHWM, 0)
         for topic in topics:
             self.sub.setsockopt(zmq.SUBSCRIBE, topic)
-        self.sub.connect(pub_address(self.url, status["pub"]))
+        address = pub_address(self.url, status["pub"])
+        apply_client_curve(self.sub, address)
+        self.sub.connect(address)
 
     def events(self, timeout: float) -> list[tuple[bytes, dict[str, Any]]]:
         """Events that arrive within ``timeout`` seconds (all that are ready)."""
