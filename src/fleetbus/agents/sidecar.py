@@ -64,7 +64,7 @@ from fleetbus.errors import (
 )
 from fleetbus.repo import RepoInfo, discover, repo_path
 
-_log = log.get("fleetbus.sidecar")
+_log: Any = log.get("fleetbus.sidecar")
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -653,7 +653,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
 
+    global _log
     log.configure(args.log_level, json=True)
+    # Bound after configuring: a logger bound earlier keeps the old settings.
+    _log = log.get("fleetbus.sidecar")
     lock = _hold_lock(sidecar_file(args.session_id, ".lock"))
     if lock is None:
         print("another sidecar runs for this session", file=sys.stderr)
