@@ -118,3 +118,19 @@ def test_other_paths_are_not_found(metered: BrokerProcess) -> None:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/nope", timeout=5)
 
     assert caught.value.code == 404
+
+
+def test_facts_published_and_delivered_are_counted(
+    metered: BrokerProcess, short_tmp: Path
+) -> None:
+    """A published fact counts once, however many topics; a query delivers it."""
+    port = metrics_port(metered)
+
+    with connect(metered.url, repo=short_tmp, name="alice") as alice:
+        alice.publish("src/a.py", "docs/", text="flaky test in CI")
+        alice.facts()
+    after = scrape(port)
+
+    assert after["fleetbus_facts_published_total"] == 1
+    assert after["fleetbus_facts_delivered_total"] >= 1
+    assert after['fleetbus_events_published_total{stream="facts"}'] >= 2

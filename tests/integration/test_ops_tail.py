@@ -190,24 +190,14 @@ def test_facts_are_replayed_and_followed(
 ) -> None:
     """Retained facts come back with ``--since``; new ones arrive live, once."""
     with join(broker, short_tmp, "alice") as alice:
-        publish(alice, "src/auth/", "old finding")
+        alice.publish("src/auth/", text="old finding")
         out = tail("--kind", "fact", "--since", "0")
         replay = out.until(lambda line: line == "-- live --")
-        publish(alice, "src/auth/login.py", "new finding")
+        alice.publish("src/auth/login.py", text="new finding")
         live = out.until(lambda line: "new finding" in line)
 
     assert any("note" in line and "old finding" in line for line in replay)
     assert live[-1].split()[2:5] == ["alice", "note", "src/auth/login.py"]
-
-
-def publish(session: Session, topic: str, text: str) -> None:
-    method = getattr(session, "publish", None)
-    if method is not None:
-        method(topic, text=text)
-        return
-    session._runner.run(
-        session.core._request("publish", topics=[topic], body=text, kind="note")
-    )
 
 
 def test_broken_pipe_ends_quietly(broker: BrokerProcess, short_tmp: Path) -> None:

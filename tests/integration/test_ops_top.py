@@ -92,7 +92,7 @@ def test_board_shows_holders_waiters_facts_and_quits_on_q(
         connect(broker.url, repo=short_tmp, name="bob") as bob,
     ):
         alice.claim("src/auth/", intent="rework login")
-        publish(alice, "src/auth/", "tokens are cached for 60s")
+        alice.publish("src/auth/", text="tokens are cached for 60s")
         waiter = _wait_in_background(bob, "src/auth/x.py")
         terminal.start(f"env NO_COLOR=1 {FLEETBUS} top --url {broker.url}", short_tmp)
 
@@ -118,13 +118,3 @@ def test_board_shows_holders_waiters_facts_and_quits_on_q(
     assert "tokens are cached for 60s" in first
     assert "HOLDERS (2)" in live
     assert not terminal.alive(), "q ends the board"
-
-
-def publish(session: Session, topic: str, text: str) -> None:
-    method = getattr(session, "publish", None)
-    if method is not None:
-        method(topic, text=text)
-        return
-    session._runner.run(
-        session.core._request("publish", topics=[topic], body=text, kind="note")
-    )

@@ -267,7 +267,7 @@ class Metrics:
             ),
             (
                 "fleetbus_facts_delivered_total",
-                "Facts handed to sessions as new to them.",
+                "Facts carried in replies to queries.",
                 self.facts_delivered,
             ),
             (

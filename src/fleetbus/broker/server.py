@@ -413,6 +413,8 @@ class Broker:
             body = wire.error(rid, error.to_wire())
         else:
             body = wire.ok(rid, **(fields or {}))
+            if fields and "facts" in fields:
+                self.metrics.facts_delivered += len(fields["facts"])
         encoded = wire.encode(body)
         if remember is not None:
             self._remember(remember, encoded)

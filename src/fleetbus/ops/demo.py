@@ -93,19 +93,18 @@ class Demo:
         self.say("carol", "and dave share docs/ (shared claims coexist)")
         await self.pause()
 
-        await publish(
-            alice,
+        await alice.publish(
             area,
-            "tokens are cached for 60s: tests must clear the cache first",
-            "gotcha",
+            text="tokens are cached for 60s: tests must clear the cache first",
+            kind="gotcha",
         )
         self.say("alice", f"shares a gotcha on {area}")
         await self.pause()
 
         await dave.claim("@db-migrations", intent="add an index")
         self.say("dave", "claims the named resource @db-migrations")
-        await publish(
-            carol, "@build", "we pin the test runner until CI is fixed", "decision"
+        await carol.publish(
+            "@build", text="we pin the test runner until CI is fixed", kind="decision"
         )
         self.say("carol", "records a decision on @build")
         await self.pause()
@@ -116,7 +115,7 @@ class Demo:
         self.say("bob", f"gets {file} at last (fence {granted.fence})")
         await self.pause()
 
-        await publish(bob, file, "the typo was in a log message only", "note")
+        await bob.publish(file, text="the typo was in a log message only")
         self.say("bob", f"notes what he found in {file}")
         await self.pause()
 
@@ -124,15 +123,6 @@ class Demo:
             await session.close()
             self.say(session.name, "leaves; its claims are released")
             await self.pause(0.5)
-
-
-async def publish(session: AsyncSession, topic: str, text: str, kind: str) -> None:
-    """Publish a fact with the SDK's method, or as a bare request without one."""
-    method = getattr(session, "publish", None)
-    if method is not None:
-        await method(topic, text=text, kind=kind)
-        return
-    await session._request("publish", topics=[topic], body=text, kind=kind)
 
 
 async def play(url: str, repo: RepoInfo, speed: float, rounds: int) -> None:
