@@ -252,9 +252,11 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         body = {"healthy": code == 0, "checks": [asdict(c) for c in checks]}
         sys.stdout.write(orjson.dumps(body).decode() + "\n")
+        sys.stdout.flush()
         return code
     for check in checks:
         sys.stdout.write(f"{_MARKS[check.status]}  {check.name:<10} {check.detail}\n")
     verdict = {0: "healthy", 1: "problems found", 3: "broker unreachable"}[code]
     sys.stdout.write(f"\n{verdict}\n")
+    sys.stdout.flush()
     return code

@@ -157,8 +157,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(orjson.dumps(state, option=orjson.OPT_INDENT_2).decode())
         sys.stdout.write("\n")
+        sys.stdout.flush()
         return 0
     width = shutil.get_terminal_size((120, 24)).columns if sys.stdout.isatty() else 0
     for line in render_status(state, now=time.time(), width=width):
         sys.stdout.write(line + "\n")
+    sys.stdout.flush()
     return 0
