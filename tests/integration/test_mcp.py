@@ -250,3 +250,18 @@ async def test_stdio_subprocess_round_trip(
 
     assert "over stdio" in text
     assert [row.sid for row in holders] == ["agent-stdio"]
+
+
+async def test_query_before_joining_reads_without_a_session(
+    repo: Path, broker: BrokerProcess, bob: Session
+) -> None:
+    """A query alone does not join the fleet as the agent's session."""
+    bob.publish("@build", text="use make, not tox", kind="decision")
+
+    async with tools(repo, broker.url) as client:
+        found = await call(client, "query_facts", scope="@build")
+        bob.wait_synced()
+        sessions = set(bob.core.sessions)
+
+    assert "[decision] @build: use make, not tox" in found
+    assert "agent-1" not in sessions
