@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit test-long bench bench-quick clean
+.PHONY: install system-deps run test lint typecheck unit test-long bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## Programs some tests drive (tmux for the terminal board), installed when
+## missing and this user may: the tests that need them skip otherwise.
+system-deps:
+	@command -v tmux >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && apt-get install -y -qq tmux >/dev/null; \
+	  else echo "tmux not found: the terminal board test will be skipped"; fi; }
 
 ## Run the broker on the local default (ipc socket, SQLite in the data directory).
 run: $(STAMP)
@@ -29,7 +37,7 @@ unit: $(STAMP)
 	$(BIN)/pytest tests/unit -q
 
 ## Lint, type-check and run the whole default test suite.
-test: lint typecheck
+test: system-deps lint typecheck
 	$(BIN)/pytest -q
 
 ## The long forms: slow tests and long fault runs.

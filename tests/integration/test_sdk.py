@@ -243,13 +243,21 @@ async def test_idle_session_keeps_its_claims(
     other = await AsyncSession.connect(broker.url, repo=repo, session_id="other")
     try:
         await idle.claim("src/a.py")
+        await other.wait_synced()
         stream = other.events()
 
-        # Nothing about the idle session may happen for five lease periods:
-        # the timeout is the assertion, not a pause.
+        # The idle session must not be lost for five lease periods: the
+        # timeout is the assertion, not a pause.
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(
-                next_event(stream, lambda e: e.get("sid") == "idle"), 3.0
+                next_event(
+                    stream,
+                    lambda e: (
+                        e.get("sid") == "idle"
+                        and e["type"] in ("session.lost", "claim.released")
+                    ),
+                ),
+                3.0,
             )
 
         with pytest.raises(Conflict):
