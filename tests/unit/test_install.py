@@ -180,9 +180,12 @@ def test_gemini_hooks_in_milliseconds_with_its_mcp_server(repo: Places) -> None:
     assert set(settings["hooks"]) == {
         "BeforeTool",
         "AfterTool",
+        "BeforeAgent",
         "SessionStart",
         "SessionEnd",
     }
+    after_tool = settings["hooks"]["AfterTool"][0]["matcher"]
+    assert "write_file" in after_tool.split("|")
     timeouts = [
         hook["timeout"]
         for groups in settings["hooks"].values()

@@ -102,7 +102,10 @@ CODEX_HOOKS = (
 # Gemini CLI counts hook timeouts in milliseconds.
 GEMINI_HOOKS = (
     HookSpec("BeforeTool", "write_file|replace|run_shell_command", 15_000),
-    HookSpec("AfterTool", "run_shell_command", 10_000),
+    # Gemini's BeforeTool cannot add context: facts on an edited file come
+    # with AfterTool, and new facts for the session with BeforeAgent.
+    HookSpec("AfterTool", "write_file|replace|run_shell_command", 10_000),
+    HookSpec("BeforeAgent", None, 10_000),
     HookSpec("SessionStart", None, 15_000),
     HookSpec("SessionEnd", None, 2_000),
 )
