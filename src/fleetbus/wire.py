@@ -14,6 +14,9 @@ import orjson
 from fleetbus.errors import LimitExceeded, ProtocolError
 
 MAX_MESSAGE_BYTES = 256 * 1024
+# What a client accepts from its broker: a snapshot or a query reply grows with
+# the repository's state (about 200 bytes a claim), far past a request's limit.
+MAX_BROKER_MESSAGE_BYTES = 256 * 1024 * 1024
 MAX_ID_LEN = 64
 
 # Topic layout: a kind byte, the repo id, then a separator. The separator byte
@@ -30,11 +33,15 @@ def encode(message: dict[str, Any]) -> bytes:
     return orjson.dumps(message)
 
 
-def decode(frame: bytes) -> dict[str, Any]:
-    """Decode one message body, refusing anything that is not a JSON object."""
-    if len(frame) > MAX_MESSAGE_BYTES:
+def decode(frame: bytes, *, limit: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
+    """Decode one message body, refusing anything that is not a JSON object.
+
+    ``limit`` is the largest body accepted: a request's by default; clients
+    reading what the broker sends pass :data:`MAX_BROKER_MESSAGE_BYTES`.
+    """
+    if len(frame) > limit:
         raise LimitExceeded(
-            f"message of {len(frame)} bytes exceeds {MAX_MESSAGE_BYTES}",
+            f"message of {len(frame)} bytes exceeds {limit}",
             limit="message_bytes",
         )
     try:

@@ -18,7 +18,7 @@ import zmq.asyncio
 from fleetbus import log
 from fleetbus.errors import BadInput, BrokerUnavailable, FleetbusError
 from fleetbus.security import apply_client_curve
-from fleetbus.wire import decode, encode
+from fleetbus.wire import MAX_BROKER_MESSAGE_BYTES, decode, encode
 
 
 def _log() -> Any:
@@ -180,7 +180,7 @@ def _drain(sock: zmq.Socket[Any], *, topic: bool) -> list[Event]:
 
 def _decode(frames: list[bytes]) -> dict[str, Any] | None:
     try:
-        return decode(frames[-1])
+        return decode(frames[-1], limit=MAX_BROKER_MESSAGE_BYTES)
     except FleetbusError as exc:
         _log().warning("message.undecodable", error=str(exc))
         return None
