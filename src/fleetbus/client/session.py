@@ -338,7 +338,7 @@ class AsyncSession(FactsMixin):
         if isinstance(reply.get("seq"), int):
             await self._settle(reply["seq"])
         elif released:
-            await self._settle(None)
+            await self._settle_released(released)
         return released
 
     async def renew(self, grant: str, ttl: float) -> None:
@@ -407,17 +407,26 @@ class AsyncSession(FactsMixin):
                 reply = await self._request("snapshot", repo=self.repo.id)
             self._check_epoch(reply)
             seq = int(reply["head"])
+        target = seq
+        await self._wait_replica(
+            lambda: self._applied >= target,
+            self.timeout if timeout is None else timeout,
+            lambda: f"replica reached seq {self._applied}, not {target}, in time",
+        )
+
+    async def _wait_replica(
+        self, done: Callable[[], bool], timeout: float, failure: Callable[[], str]
+    ) -> None:
+        """Wait until the replica is live and ``done()``; TimedOut after ``timeout``."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (self.timeout if timeout is None else timeout)
-        while self._syncing or self._applied < seq:
+        deadline = loop.time() + timeout
+        while self._syncing or not done():
             waiter: asyncio.Future[None] = loop.create_future()
             self._synced_waiters.append(waiter)
             try:
                 await asyncio.wait_for(waiter, max(0.0, deadline - loop.time()))
             except TimeoutError:
-                raise TimedOut(
-                    f"replica reached seq {self._applied}, not {seq}, in time"
-                ) from None
+                raise TimedOut(failure()) from None
             finally:
                 with contextlib.suppress(ValueError):
                     self._synced_waiters.remove(waiter)
@@ -430,6 +439,23 @@ class AsyncSession(FactsMixin):
             await self.wait_synced(seq)
         except TimedOut:
             _log().warning("replica.lagging", sid=self.sid, seq=seq)
+
+    async def _settle_released(self, ids: list[str]) -> None:
+        """Let the replica apply our release of ``ids``, so reads see it.
+
+        Claim ids are never reused, so once the replica no longer holds them
+        the release is applied: no round trip to learn the broker's head.
+        """
+        if not self._replica or self._closed:
+            return
+        try:
+            await self._wait_replica(
+                lambda: all(self._view.get(cid) is None for cid in ids),
+                self.timeout,
+                lambda: "the replica did not apply the release in time",
+            )
+        except TimedOut:
+            _log().warning("replica.lagging", sid=self.sid, released=ids)
 
     def _wake_synced(self) -> None:
         for waiter in self._synced_waiters:
