@@ -298,6 +298,9 @@ class FactTable:
         self._facts: OrderedDict[str, Fact] = OrderedDict()
         self._index: ScopeIndex[str] = ScopeIndex()
         self._expiry: list[tuple[float, str]] = []
+        # Fact ids in order of their last change, so that a catch-up query
+        # reads only what changed instead of every fact on its scopes.
+        self._changes: OrderedDict[str, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._facts)
@@ -313,6 +316,8 @@ class FactTable:
         """Load stored facts after a restart, emitting nothing."""
         for fact in sorted(facts, key=lambda f: f.seq):
             self._hold(fact)
+        by_change = sorted(self._facts.values(), key=lambda f: f.changed)
+        self._changes = OrderedDict((fact.id, None) for fact in by_change)
 
     # -- changes ----------------------------------------------------------------
 
@@ -457,7 +462,10 @@ class FactTable:
         it keeps the newest.
         """
         history = include_history or changed_since is not None
-        candidates = self._candidates(scopes)
+        if changed_since is not None:
+            candidates = self._changed_after(changed_since, scopes)
+        else:
+            candidates = self._candidates(scopes)
         found = [
             fact
             for fact in candidates
@@ -466,11 +474,8 @@ class FactTable:
             and (author is None or author in (fact.sid, fact.name))
             and (since is None or fact.seq > since)
             and (since_wall is None or fact.at >= since_wall)
-            and (changed_since is None or fact.changed > changed_since)
             and (ids is None or fact.id in ids)
         ]
-        if changed_since is not None:
-            found.sort(key=lambda fact: fact.changed)
         more = len(found) > limit
         if not more:
             return found, False
@@ -489,6 +494,20 @@ class FactTable:
         for scope in scopes:
             hits.update(fact_id for _, fact_id in self._index.overlapping(scope))
         return sorted((self._facts[i] for i in hits), key=lambda fact: fact.seq)
+
+    def _changed_after(self, seq: int, scopes: Iterable[Scope] | None) -> list[Fact]:
+        """Facts changed after ``seq`` on ``scopes`` (or all), in order of change."""
+        recent: list[Fact] = []
+        for fact_id in reversed(self._changes):
+            fact = self._facts[fact_id]
+            if fact.changed <= seq:
+                break
+            recent.append(fact)
+        recent.reverse()
+        if scopes is None:
+            return recent
+        wanted = list(scopes)
+        return [fact for fact in recent if any(map(fact.concerns, wanted))]
 
     # -- internals ----------------------------------------------------------------
 
@@ -520,6 +539,7 @@ class FactTable:
 
     def _hold(self, fact: Fact) -> None:
         self._facts[fact.id] = fact
+        self._changes[fact.id] = None
         for topic in fact.topics:
             self._index.add(topic, fact.id)
         if fact.live and fact.expires is not None:
@@ -527,6 +547,7 @@ class FactTable:
 
     def _forget(self, fact: Fact) -> None:
         del self._facts[fact.id]
+        del self._changes[fact.id]
         for topic in fact.topics:
             self._index.discard(topic, fact.id)
 
@@ -562,6 +583,7 @@ class FactTable:
                 fact.state = reason
                 fact.changed = seq
                 fact.ended_at = now
+                self._changes.move_to_end(fact.id)
                 if reason == "superseded":
                     fact.superseded_by = by
                 out.changed.append(fact)

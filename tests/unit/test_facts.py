@@ -295,6 +295,27 @@ def test_changed_since_includes_ends() -> None:
     assert a.state == "retracted"
 
 
+def test_changed_since_on_scopes_reads_changes_in_order_after_restore() -> None:
+    """A catch-up on scopes keeps overlapping changes only, in order of change,
+    the same in a table restored from the store."""
+    t = table()
+    a = publish(t, "src/a.py")
+    publish(t, "docs/")
+    mark = t.sequence.seq
+    b = publish(t, "src/b.py")
+    publish(t, "docs/x.md")
+    t.retract("s1", a.id, 2.0)
+    copy = FactTable(REPO, Sequence(t.sequence.seq), FactLimits())
+    copy.restore(Fact.from_wire(f.to_wire()) for f in t)
+
+    for each in (t, copy):
+        found, more = each.query(scopes("src/"), changed_since=mark, limit=1)
+
+        assert [f.id for f in found] == [b.id]
+        assert more
+        assert each.query(scopes("src/"), changed_since=b.seq)[0] == [a]
+
+
 def test_bad_topics_and_kinds_are_refused() -> None:
     """No topic, too many topics, a bad kind or TTL: refused, nothing changed."""
     t = table(topics_per_fact=2)
