@@ -164,6 +164,35 @@ async def test_a_dropped_live_event_is_recovered(
     assert sorted(seen.ids()) == sorted([first.id, second.id])
 
 
+async def test_a_lost_last_event_is_recovered_at_the_broker_heartbeat(
+    open_session: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An event lost with no later one on its topic is fetched once a broker
+    heartbeat shows the repository moved on; finished catch-ups are let go."""
+    monkeypatch.setattr("fleetbus.client.facts._SETTLE_S", 3600.0)
+    bob = await open_session("bob")
+    carol = await open_session("carol")
+    seen = Collector(carol)
+    await carol.subscribe("src/a.py", "docs/")
+    ready = await bob.publish("src/a.py", text="ready")
+    await seen.until(lambda events: ready.id in [e.id for e in events])
+    take = carol._on_fact_event
+
+    def lossy(topic: bytes, event: dict[str, Any]) -> None:
+        if event.get("type") != "fact.published":
+            take(topic, event)
+
+    carol._on_fact_event = lossy  # type: ignore[method-assign]
+    last = await bob.publish("src/a.py", text="last on its topic, dropped")
+    await seen.until(lambda events: last.id in [e.id for e in events])
+    for n in range(3, 5):
+        await bob.publish("docs/", text=f"dropped {n}")
+        await seen.until(lambda events, told=n: len(seen.ids()) == told)
+
+    assert seen.ids()[:2] == [ready.id, last.id]
+    assert len(carol._tasks) < 7
+
+
 async def test_shown_once_across_reconnects(
     open_session: Callable[..., Any],
 ) -> None:

@@ -59,7 +59,10 @@ class _FactsState:
         self.buffering = 0
         self.buffer: list[tuple[bytes, dict[str, Any]]] = []
         self.lock = asyncio.Lock()
-        self.high = 0
+        # Every change on the followed scopes up to this seq has been told,
+        # live or fetched; None until a scope is followed.
+        self.synced: int | None = None
+        self.checking = False
 
 
 class FactsMixin:
@@ -256,8 +259,29 @@ class FactsMixin:
         if kind == "claim.granted" and event.get("sid") == self.sid:
             scopes = [resolve_scope(row["scope"], self.repo) for row in event["claims"]]
             self._spawn(self._facts_follow_quietly(state, scopes))
-        elif kind in ("resync", "session.lost"):
-            self._spawn(self._facts_catch_up(state, state.high))
+        elif kind in ("resync", "session.lost") and state.synced is not None:
+            self._spawn(self._facts_catch_up(state, state.synced))
+
+    def _facts_on_heartbeat(self, event: dict[str, Any]) -> None:
+        """Catch up when the repository moved past what is known to be told.
+
+        A lost event shows as a broken ``prev`` at the next event of its
+        topic; the last one of a topic has no next, so the broker's heartbeat,
+        which carries the repository's ``seq``, is what tells of it.
+        """
+        state = self._facts_state
+        seq = event.get("seq")
+        if state is None or state.synced is None or not isinstance(seq, int):
+            return
+        if seq > state.synced and not state.checking:
+            state.checking = True
+            self._spawn(self._facts_check(state, state.synced))
+
+    async def _facts_check(self, state: _FactsState, since: int) -> None:
+        try:
+            await self._facts_catch_up(state, since)
+        finally:
+            state.checking = False
 
     async def _facts_follow_quietly(
         self, state: _FactsState, scopes: list[Scope]
@@ -279,7 +303,7 @@ class FactsMixin:
                 self._transport.subscribe(prefix)
             facts, at = await self._facts_fetch([s.text for s in added], since=None)
             state.feed.tracker.subscribed(prefixes, at)
-            state.high = max(state.high, at)
+            state.synced = at if state.synced is None else min(state.synced, at)
             events = state.feed.retained(facts)
         finally:
             state.buffering -= 1
@@ -335,7 +359,11 @@ class FactsMixin:
             except FleetbusError as exc:
                 _log.warning("facts.catch_up_failed", sid=self.sid, error=str(exc))
                 return
-            state.high = max(state.high, at)
+            # Scopes followed meanwhile were not in the query: their own
+            # retained set, not this answer, says how far they are known.
+            covered = len(state.feed.scopes) == len(scopes)
+            if covered and state.synced is not None and since <= state.synced:
+                state.synced = max(state.synced, at)
             self._facts_deliver(state, state.feed.retained(facts))
 
     def _on_fact_event(self, topic: bytes, event: dict[str, Any]) -> None:
@@ -353,10 +381,8 @@ class FactsMixin:
         self, state: _FactsState, topic: bytes, event: dict[str, Any]
     ) -> None:
         events, missed_after = state.feed.live(topic, event)
-        seq = event.get("seq")
-        if isinstance(seq, int):
-            state.high = max(state.high, seq)
         if missed_after is not None:
+            seq = event.get("seq")
             _log.info("facts.gap", sid=self.sid, after=missed_after, seq=seq)
             self._spawn(self._facts_catch_up(state, missed_after))
         self._facts_deliver(state, events)

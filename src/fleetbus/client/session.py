@@ -156,7 +156,7 @@ class AsyncSession(FactsMixin):
         self._synced_waiters: list[asyncio.Future[None]] = []
         self._queues: list[asyncio.Queue[dict[str, Any] | None]] = []
         self._callbacks: list[EventCallback] = []
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -224,7 +224,9 @@ class AsyncSession(FactsMixin):
         self._spawn(self._repair_loop())
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        self._tasks.append(asyncio.get_running_loop().create_task(coro))
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def close(self, *, leave: bool = True) -> None:
         """Leave the fleet (unless ``leave=False``) and close every socket.
@@ -238,9 +240,10 @@ class AsyncSession(FactsMixin):
             with contextlib.suppress(FleetbusError):
                 await self._request("leave", timeout=_LEAVE_TIMEOUT_S)
         self._closed = True
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         for pending in self._pending.values():
             if not pending.future.done():
@@ -713,6 +716,8 @@ class AsyncSession(FactsMixin):
                 self._want_repair(rejoin=True)
             elif not self._syncing and isinstance(head, int) and head > self._applied:
                 self._want_repair()
+            else:
+                self._facts_on_heartbeat(event)
             return
         if self._syncing:
             if len(self._buffer) >= _MAX_BUFFER:
