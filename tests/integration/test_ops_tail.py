@@ -200,6 +200,27 @@ def test_facts_are_replayed_and_followed(
     assert live[-1].split()[2:5] == ["alice", "note", "src/auth/login.py"]
 
 
+def test_kind_filter_takes_fact_kinds(
+    broker: BrokerProcess, short_tmp: Path, tail: Any
+) -> None:
+    """``--kind gotcha`` shows gotchas published and ended, replayed and live,
+    and no other fact or claim."""
+    with join(broker, short_tmp, "alice") as alice:
+        old = alice.publish("src/auth/", text="old gotcha", kind="gotcha")
+        alice.publish("src/auth/", text="old note")
+        alice.retract(old.id)
+        out = tail("--kind", "gotcha", "--since", "0")
+        replay = out.until(lambda line: line == "-- live --")
+        alice.claim("src/auth/", intent="gotcha hunt")
+        alice.publish("src/auth/", text="new note")
+        alice.publish("src/auth/", text="new gotcha", kind="gotcha")
+        live = out.until(lambda line: "new gotcha" in line)
+
+    verbs = [line.split()[3] for line in replay[:-1] + live]
+    assert verbs == ["gotcha", "retracted", "gotcha"]
+    assert not [line for line in replay + live if "note" in line]
+
+
 def test_broken_pipe_ends_quietly(broker: BrokerProcess, short_tmp: Path) -> None:
     """``fleetbus tail | head -1`` exits 0 with nothing on stderr."""
     status = short_tmp / "status"

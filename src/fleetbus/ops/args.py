@@ -32,8 +32,8 @@ def add_commands(commands: Any) -> None:
         "--kind",
         action="append",
         metavar="KIND",
-        help="claim, session, wait, fact, a verb (expired) or an exact type "
-        "(claim.granted); repeat or separate with commas",
+        help="claim, session, wait, fact, a verb (expired), a fact kind (gotcha) "
+        "or an exact type (claim.granted); repeat or separate with commas",
     )
     tail.add_argument(
         "--session",

@@ -43,7 +43,11 @@ def wanted_scopes(texts: list[str], info: RepoInfo | None) -> list[Scope]:
 
 
 class Filter:
-    """Which lines to show: by kind, session and overlapping scope."""
+    """Which lines to show: by kind, session and overlapping scope.
+
+    A kind is an event's type, its family, its verb or tone, or the kind of
+    the fact it concerns (``gotcha``: such facts published and ended).
+    """
 
     def __init__(
         self,
@@ -51,7 +55,9 @@ class Filter:
         sessions: list[str] | None,
         scopes: list[Scope],
     ) -> None:
-        self.kinds = {k.strip() for raw in kinds or [] for k in raw.split(",") if k}
+        self.kinds = {
+            k.strip() for raw in kinds or [] for k in raw.split(",") if k.strip()
+        }
         self.sessions = set(sessions or [])
         self.scopes = scopes
 
@@ -64,11 +70,19 @@ class Filter:
             line.kind.partition(".")[0],
             line.verb.partition(" ")[0],
             line.tone,
+            fact_kind(line.event),
         }:
             return False
         if self.sessions and not self.sessions & {line.sid, line.name}:
             return False
         return not self.scopes or scopes_overlap(line, self.scopes)
+
+
+def fact_kind(event: dict[str, Any]) -> str | None:
+    """The kind of the fact a fact event concerns, if it says."""
+    facts = [event.get("fact"), *(event.get("facts") or [])]
+    kinds = [str(fact.get("kind")) for fact in facts if isinstance(fact, dict)]
+    return kinds[0] if kinds else None
 
 
 def format_line(line: Line, *, colour: bool) -> str:
