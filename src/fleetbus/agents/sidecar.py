@@ -68,11 +68,13 @@ _log: Any = log.get("fleetbus.sidecar")
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
-# A hook waits this long for a sidecar that is still joining the fleet; past
-# it, the hook fails open (or closed) rather than stall the agent.
-CONNECT_TIMEOUT_S = 2.0
 # The SDK's per-request patience: short, since a hook is waiting on it.
 REQUEST_TIMEOUT_S = 2.0
+# A hook waits this long for a sidecar that is still joining the fleet; past
+# it, the hook fails open (or closed) rather than stall the agent. A little
+# longer than the first join attempt's own timeout, so that the hook reports
+# why the join failed rather than that it has not finished.
+CONNECT_TIMEOUT_S = REQUEST_TIMEOUT_S + 1.0
 _RETRY_FIRST_S = 0.5
 _RETRY_MAX_S = 5.0
 _READ_TIMEOUT_S = 10.0
