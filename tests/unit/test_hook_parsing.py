@@ -271,6 +271,26 @@ def test_gemini_answers() -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("adapter", "name", "tool"),
+    [
+        (gemini, "BeforeTool", "read_file"),
+        (gemini, "Notification", None),
+        (claude, "PreToolUse", "Read"),
+        (codex, "Stop", None),
+    ],
+)
+def test_events_not_acted_on_get_the_agents_empty_answer(
+    adapter: Any, name: str, tool: str | None
+) -> None:
+    """Gemini CLI wants JSON, so it gets {}; Claude Code and Codex get nothing."""
+    data = event(name, tool, file_path="a.py") if tool else event(name)
+
+    answer = hooks.respond(adapter, data, {"GEMINI_SESSION_ID": "g1"})
+
+    assert answer == ({} if adapter is gemini else None)
+
+
 # -- phrasing -------------------------------------------------------------------
 
 

@@ -37,6 +37,8 @@ EDIT_TOOLS = {
     "NotebookEdit": "notebook_path",
 }
 SHELL_TOOLS = frozenset({"Bash"})
+NO_ANSWER = None
+"""No output at all: Claude Code then goes on as if there were no hook."""
 _LIFECYCLE = {
     "SessionStart": "start",
     "UserPromptSubmit": "prompt",

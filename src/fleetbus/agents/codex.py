@@ -41,6 +41,8 @@ PATCH_MARKERS = (
     "*** Move to:",
 )
 _LIFECYCLE = {"SessionStart": "start", "UserPromptSubmit": "prompt"}
+NO_ANSWER = None
+"""No output at all: Codex then goes on as if there were no hook."""
 
 
 def parse(event: dict[str, Any], env: Mapping[str, str]) -> Action | None:

@@ -36,6 +36,8 @@ EDIT_TOOLS = frozenset({"write_file", "replace"})
 SHELL_TOOLS = frozenset({"run_shell_command"})
 _LIFECYCLE = {"SessionStart": "start", "BeforeAgent": "prompt", "SessionEnd": "end"}
 _CONTEXT_EVENTS = frozenset({"AfterTool", "SessionStart", "BeforeAgent"})
+NO_ANSWER: dict[str, Any] = {}
+"""Gemini CLI reads stdout as JSON, so "nothing to say" is an empty object."""
 
 
 def parse(event: dict[str, Any], env: Mapping[str, str]) -> Action | None:

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     class Adapter(Protocol):
         """The part of a hook that speaks one agent's protocol."""
 
+        NO_ANSWER: dict[str, Any] | None
+        """The answer to an event fleetbus does not act on."""
+
         def parse(self, event: dict[str, Any], env: Mapping[str, str]) -> Action | None:
             """The action an event asks for; None when there is nothing to do."""
 
@@ -185,7 +188,7 @@ def respond(
     """The answer to one event: parse it, act through the sidecar, render."""
     action = adapter.parse(event, env)
     if action is None:
-        return None
+        return adapter.NO_ANSWER
     try:
         outcome = perform(action, env)
     except Exception as exc:
