@@ -299,8 +299,11 @@ def _run_claim(args: argparse.Namespace) -> int:
         else:
             scopes = ", ".join(row.scope.text for row in grant.claims)
             mode = "shared" if args.shared else "exclusive"
+            # Through an agent's sidecar the default TTL gives way to its lease.
+            leased = all(row.expires is None for row in grant.claims)
+            life = "with the session" if leased else f"for {_duration(args.ttl)}"
             _print(
-                f"claimed {scopes} ({mode}, for {_duration(args.ttl)}); "
+                f"claimed {scopes} ({mode}, {life}); "
                 f"grant {grant.id}, fence {grant.fence}"
             )
         return 0

@@ -758,6 +758,7 @@ def test_cli_in_an_agent_session_claims_through_its_sidecar(bench: Bench) -> Non
     released = cli("release", "b.py")
 
     assert claimed.returncode == 0, claimed.stderr
+    assert "(exclusive, with the session)" in claimed.stdout
     assert [(r["sid"], r["intent"], r["expires"]) for r in rows] == [
         ("sess-a", "split b", None)
     ]
