@@ -569,6 +569,8 @@ class ClaimTable:
         ``scopes`` releases the session's rows each given scope covers;
         ``grant`` and ``ids`` name rows, and naming another session's row
         raises :class:`~fleetbus.errors.NotOwner`; ``all`` releases every row.
+        Scopes that cover none of the session's rows but name another
+        session's claim (cover it, or lie within it) raise ``NotOwner`` too.
         Rows already gone are skipped. Reply: ``{"released": [ids]}``.
         """
         self.touch(sid, now)
@@ -580,6 +582,8 @@ class ClaimTable:
                 for row in self.view.claims(sid)
                 if any(scope.covers(row.scope) for scope in given)
             ]
+            if not rows:
+                self._owned(sid, self._named_by_scope(sid, given))
         elif all:
             rows = self.view.claims(sid)
         else:
@@ -895,6 +899,17 @@ class ClaimTable:
         found = (self.view.get(cid) for cid in dict.fromkeys(ids or ()))
         return [row for row in found if row is not None]
 
+    def _named_by_scope(self, sid: str, scopes: tuple[Scope, ...]) -> list[Claim]:
+        """Rows of other sessions that ``scopes`` cover or lie within."""
+        found: dict[str, Claim] = {}
+        for scope in scopes:
+            for row in self.view.overlapping(scope):
+                if row.sid != sid and (
+                    scope.covers(row.scope) or row.scope.covers(scope)
+                ):
+                    found[row.id] = row
+        return sorted(found.values(), key=lambda row: (row.fence, row.id))
+
     def _owned(self, sid: str, rows: list[Claim]) -> list[Claim]:
         foreign = [row for row in rows if row.sid != sid]
         if foreign:
@@ -976,8 +991,10 @@ class ClaimTable:
         for waiter in [w for w in self.view.waiters if w.deadline <= now.mono]:
             held = self.view.conflicts(waiter.scopes, waiter.mode, waiter.sid)
             scopes = ", ".join(scope.text for scope in waiter.scopes)
+            blocked = "; ".join(row.describe() for row in held)
             error = TimedOut(
-                f"gave up waiting for {scopes}",
+                f"gave up waiting for {scopes}"
+                + (f": {blocked}" if blocked else ": queued behind earlier waits"),
                 holders=[row.holder() for row in held],
             )
             self._end_wait(waiter, "timeout", error.to_wire(), out)

@@ -61,6 +61,26 @@ def test_claim_then_conflict_then_release(run: Run) -> None:
     assert run("claim", "src/a.py", session="bob").returncode == 0
 
 
+def test_releasing_another_sessions_claim_exits_1(run: Run) -> None:
+    """Only the holder releases: bob naming alice's claim is refused with exit 1."""
+    assert run("claim", "src/", "--intent", "rework").returncode == 0
+
+    refused = run("release", "src/a.py", session="bob")
+    listed = orjson.loads(run("claims", "--json").stdout)
+
+    assert refused.returncode == 1
+    assert "held by alice" in one_line_error(refused)
+    assert [row["scope"] for row in listed["claims"]] == ["src/"]
+
+
+def test_claim_lives_one_hour_by_default(run: Run) -> None:
+    """A claim from the shell carries a TTL of one hour unless --ttl says."""
+    claim = orjson.loads(run("claim", "@db", "--json").stdout)
+
+    (row,) = claim["claims"]
+    assert row["expires"] - row["since"] == pytest.approx(3600.0)
+
+
 def test_json_shapes(run: Run) -> None:
     """--json prints one object per command, with the documented keys."""
     claim = orjson.loads(run("claim", "@db", "--json", "--ttl", "60").stdout)

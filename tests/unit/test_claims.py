@@ -389,6 +389,7 @@ def test_wait_times_out_at_its_deadline(fleet: Fleet) -> None:
     assert (sid, rid, reply["ok"]) == ("s2", "w2", False)
     assert reply["error"]["code"] == "timeout"
     assert reply["error"]["holders"][0]["sid"] == "s1"
+    assert "held by alice (sid s1)" in reply["error"]["message"]
     assert fleet.release("s1", all=True, now=at(11)).deferred == []
 
 
@@ -651,7 +652,30 @@ def test_only_the_owner_may_release_or_renew(fleet: Fleet) -> None:
         fleet.table.renew("s2", grant=grant, ttl_s=10, now=T0)
 
     assert fleet.table.view.snapshot() == before
-    assert fleet.release("s2", scopes=["a"]).events == []
+
+
+@pytest.mark.parametrize("text", ["a/", "a/b/", "a/b/c.py", "a/b/*.py", "**"])
+def test_releasing_only_another_sessions_scope_is_not_owner(
+    fleet: Fleet, text: str
+) -> None:
+    """A scope that names, covers or lies within another's claim is NotOwner."""
+    fleet.claim("s1", "a/b/")
+    before = fleet.table.view.snapshot()
+
+    with pytest.raises(NotOwner) as refused:
+        fleet.release("s2", scopes=[text])
+
+    assert [h["sid"] for h in refused.value.details["holders"]] == ["s1"]
+    assert fleet.table.view.snapshot() == before
+
+
+def test_releasing_an_unheld_scope_releases_nothing(fleet: Fleet) -> None:
+    """A scope nobody holds, or only overlaps without covering, is a no-op."""
+    fleet.claim("s1", "a/*.py")
+
+    assert fleet.release("s2", scopes=["b/"]).events == []
+    assert fleet.release("s2", scopes=["a/b*"]).events == []
+    assert fleet.held() == ["a/*.py"]
 
 
 def test_renew_sets_a_new_ttl(fleet: Fleet) -> None:
