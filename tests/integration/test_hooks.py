@@ -29,7 +29,15 @@ from fleetbus.repo import discover
 from tests.support.brokerproc import BrokerProcess
 
 DEADLINE_S = 15.0
-HEAVY = ("zmq", "orjson", "structlog", "fleetbus.client", "asyncio")
+HEAVY = (
+    "zmq",
+    "orjson",
+    "structlog",
+    "fleetbus.client",
+    "fleetbus.cli",
+    "asyncio",
+    "argparse",
+)
 _CLEARED = (
     *hookclient.SESSION_ENVS,
     "FLEETBUS_AUTOCLAIM",
@@ -624,7 +632,7 @@ def test_commit_no_verify_is_refused_while_the_guard_is_installed(
 
 
 def test_hook_path_imports_no_heavy_module(bench: Bench) -> None:
-    """The hook process loads no pyzmq, orjson, structlog or fleetbus.client."""
+    """``fleetbus hook``, as installed, loads no pyzmq, orjson, CLI or argparse."""
     a = bench.agent("sess-a")
     bench.edit(a, str(bench.repo / "a.py"))
     event = claude_event(
@@ -639,8 +647,8 @@ def test_hook_path_imports_no_heavy_module(bench: Bench) -> None:
             sys.executable,
             "-X",
             "importtime",
-            "-m",
-            "fleetbus.agents.hooks",
+            str(Path(sys.executable).parent / "fleetbus"),
+            "hook",
             "claude-code",
         ],
     )
