@@ -289,6 +289,30 @@ async def test_broker_restart_keeps_claims_and_resyncs(
     assert later.fence > grant.fence
 
 
+async def test_idle_replica_recovers_a_missed_event_from_the_heartbeat(
+    join: Callable[..., Any],
+) -> None:
+    """An event lost on the way is noticed by the broker's heartbeat alone."""
+    a, idle = await join("a"), await join("idle")
+    events = idle._transport.events
+    lossy_in_use = asyncio.Event()
+
+    async def lossy() -> list[tuple[bytes, dict[str, Any]]]:
+        lossy_in_use.set()
+        batch = await events()
+        return [item for item in batch if item[1].get("type") != "claim.granted"]
+
+    idle._transport.events = lossy
+    await asyncio.wait_for(lossy_in_use.wait(), DEADLINE_S)
+    stream = idle.events()
+    await a.claim("src/a.py")
+
+    await next_event(stream, lambda e: e["type"] == "resync")
+
+    assert [r.sid for r in idle.holders("src/a.py")] == ["a"]
+    assert not idle.may_edit("src/a.py")
+
+
 async def test_unreachable_broker_raises(tmp_path: Path, repo: RepoInfo) -> None:
     """No broker at the URL: BrokerUnavailable after the timeout."""
     with pytest.raises(BrokerUnavailable):

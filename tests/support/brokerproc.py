@@ -33,19 +33,23 @@ def ping(url: str, timeout_s: float = 0.2) -> dict[str, Any] | None:
 
 
 class BrokerProcess:
-    """A ``python -m fleetbus.broker`` child on an ipc socket in ``workdir``."""
+    """A ``python -m fleetbus.broker`` child on an ipc socket in ``workdir``.
+
+    ``url`` binds another address instead, such as ``tcp://127.0.0.1:PORT``.
+    """
 
     def __init__(
         self,
         workdir: Path,
         *,
+        url: str | None = None,
         lease_ms: int = 1000,
         grace_ms: int | None = None,
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
-        self.url = f"ipc://{workdir}/broker.sock"
+        self.url = url or f"ipc://{workdir}/broker.sock"
         self.data_dir = workdir / "data"
         self.log_path = workdir / "broker.log"
         self.lease_ms = lease_ms
