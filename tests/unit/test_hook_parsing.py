@@ -335,6 +335,17 @@ def test_facts_text_stays_under_the_cap() -> None:
     assert hooks.facts_text([]) == ""
 
 
+def test_a_fact_longer_than_the_cap_is_shortened_not_dropped() -> None:
+    """A 4 KiB gotcha still shows, cut short, and the facts after it too."""
+    long = fact("gotcha", 2, "never " + "x" * 4090)
+
+    text = hooks.facts_text([long, fact("note", 1, "short one")])
+
+    assert len(text) <= hooks.CONTEXT_CAP
+    assert "[gotcha] a.py: never xxx" in text
+    assert "short one" in text
+
+
 def test_denial_names_holder_intent_time_and_the_way_out() -> None:
     """The reason tells the model who, why, since when and what to do instead."""
     holder = {

@@ -56,6 +56,10 @@ GUARD_MARKER = "# fleetbus-guard"
 CONTEXT_CAP = 4000
 """Most characters of context added per answer (agents cut at 10,000)."""
 
+FACT_TEXT_CAP = 600
+"""Most characters of one fact's text in context, so that one long fact (they
+may hold 4 KiB) cannot crowd out every other one, or itself, from the cap."""
+
 # Most severe first: a warning or gotcha must not be crowded out by notes.
 _SEVERITY = {"warning": 0, "gotcha": 1, "decision": 2, "question": 3, "note": 4}
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -349,6 +353,8 @@ def _fact_line(fact: dict[str, Any]) -> str:
     topics = ", ".join(str(t) for t in fact.get("topics") or [])
     author = fact.get("name") or fact.get("author") or fact.get("sid") or "someone"
     body = " ".join(str(fact.get("body", "")).split())
+    if len(body) > FACT_TEXT_CAP:
+        body = body[: FACT_TEXT_CAP - 1] + "…"
     return (
         f"- [{fact.get('kind', 'note')}] {topics}: {body} "
         f"({author}, {_when(fact.get('at'))})"
