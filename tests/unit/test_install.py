@@ -278,6 +278,18 @@ def test_memory_snippet_is_appended_between_markers(repo: Places) -> None:
     assert "fleetbus claim --wait" in text
 
 
+def test_each_changed_file_is_reported_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Gemini's hooks and MCP server share a file: one line says it was written."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+
+    install.run("gemini", repo=str(tmp_path))
+
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"written: {tmp_path.resolve() / '.gemini' / 'settings.json'}"]
+
+
 def test_cli_prints_the_snippet_and_installs(tmp_path: Path) -> None:
     """``fleetbus install`` runs from the command line, in a git worktree."""
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)

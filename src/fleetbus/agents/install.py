@@ -589,7 +589,12 @@ def run(
         changes = install_agent(
             target, where, fleetbus=fleetbus, uninstall=uninstall, memory=memory
         )
+    # Gemini CLI keeps hooks and MCP servers in one file: say each file once.
+    last: dict[Path, Change] = {}
     for change in changes:
+        if change.action != "unchanged" or change.path not in last:
+            last[change.path] = change
+    for change in last.values():
         if change.action != "unchanged" or change.path.exists():
             print(change)
     if user and target in ("claude-code", "mcp") and not uninstall:
