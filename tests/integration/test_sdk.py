@@ -313,6 +313,16 @@ async def test_idle_replica_recovers_a_missed_event_from_the_heartbeat(
     assert not idle.may_edit("src/a.py")
 
 
+async def test_closed_session_ends_its_own_loops(join: Callable[..., Any]) -> None:
+    """Heartbeat and repair loops stop once closed, even if a cancel was lost."""
+    a = await join("a")
+    await a.close()
+    a._want_repair()
+
+    await asyncio.wait_for(a._heartbeat(), DEADLINE_S)
+    await asyncio.wait_for(a._repair_loop(), DEADLINE_S)
+
+
 async def test_unreachable_broker_raises(tmp_path: Path, repo: RepoInfo) -> None:
     """No broker at the URL: BrokerUnavailable after the timeout."""
     with pytest.raises(BrokerUnavailable):

@@ -636,10 +636,14 @@ class AsyncSession(FactsMixin):
         self._want_repair()
 
     async def _heartbeat(self) -> None:
-        while True:
+        # Ends on its own once closed too: on Python 3.11 a cancellation that
+        # meets a reply inside wait_for can be lost, and close() would hang.
+        while not self._closed:
             await asyncio.sleep(self.heartbeat_ms / 1000)
             try:
                 reply = await self._request("heartbeat")
+            except SessionClosed:
+                return
             except FleetbusError as exc:
                 _log().warning("heartbeat.failed", sid=self.sid, error=str(exc))
                 continue
@@ -657,7 +661,7 @@ class AsyncSession(FactsMixin):
         self._repair_wanted.set()
 
     async def _repair_loop(self) -> None:
-        while True:
+        while not self._closed:
             await self._repair_wanted.wait()
             self._repair_wanted.clear()
             try:
@@ -668,6 +672,8 @@ class AsyncSession(FactsMixin):
                     self._resend_queued()
                 if self._replica:
                     await self._sync()
+            except SessionClosed:
+                return
             except FleetbusError as exc:
                 _log().warning("repair.failed", sid=self.sid, error=str(exc))
                 self._want_repair()
