@@ -24,9 +24,11 @@ class SystemClock:
     """The real clocks of the machine."""
 
     def wall(self) -> float:
+        """``time.time()``."""
         return time.time()
 
     def monotonic(self) -> float:
+        """``time.monotonic()``."""
         return time.monotonic()
 
 
@@ -38,9 +40,11 @@ class ManualClock:
         self._monotonic = monotonic
 
     def wall(self) -> float:
+        """The wall time as last set."""
         return self._wall
 
     def monotonic(self) -> float:
+        """The monotonic time as last set."""
         return self._monotonic
 
     def advance(self, seconds: float) -> None:
@@ -64,7 +68,9 @@ class OffsetClock(SystemClock):
         self.monotonic_offset = 0.0
 
     def wall(self) -> float:
+        """The system's wall time plus ``wall_offset``."""
         return time.time() + self.wall_offset
 
     def monotonic(self) -> float:
+        """The system's monotonic time plus ``monotonic_offset``."""
         return time.monotonic() + self.monotonic_offset
