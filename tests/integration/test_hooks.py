@@ -59,16 +59,19 @@ class Hooked:
 
     @property
     def decision(self) -> str | None:
+        """The permissionDecision answered, if any."""
         specific = (self.answer or {}).get("hookSpecificOutput") or {}
         return specific.get("permissionDecision")
 
     @property
     def reason(self) -> str:
+        """The permissionDecisionReason answered, or empty."""
         specific = (self.answer or {}).get("hookSpecificOutput") or {}
         return str(specific.get("permissionDecisionReason", ""))
 
     @property
     def context(self) -> str:
+        """The additionalContext answered, or empty."""
         specific = (self.answer or {}).get("hookSpecificOutput") or {}
         return str(specific.get("additionalContext", ""))
 
@@ -82,6 +85,7 @@ class Agent:
 
     @property
     def pid(self) -> int:
+        """The agent process's id, which its hooks pass on."""
         return self.proc.pid
 
 
@@ -96,6 +100,7 @@ class Bench:
     agents: list[Agent] = field(default_factory=list)
 
     def env(self, agent: Agent | None = None, **extra: str) -> dict[str, str]:
+        """A hook's environment: this bench's broker and runtime dir, no agent's."""
         env = {k: v for k, v in os.environ.items() if k not in _CLEARED}
         env.update(XDG_RUNTIME_DIR=str(self.run_dir), FLEETBUS_URL=self.url)
         if agent is not None:
@@ -104,6 +109,7 @@ class Bench:
         return env
 
     def agent(self, sid: str) -> Agent:
+        """Start a simulated agent process for session ``sid``."""
         proc = subprocess.Popen(
             [sys.executable, "-c", "import time; time.sleep(600)"],
             stdin=subprocess.DEVNULL,
@@ -121,6 +127,7 @@ class Bench:
         command: list[str] | None = None,
         **extra: str,
     ) -> Hooked:
+        """Run hook ``name`` on ``event`` as ``agent``'s agent would."""
         data = event if isinstance(event, str) else json.dumps(event)
         argv = command or [sys.executable, "-m", "fleetbus.agents.hooks", name]
         start = time.monotonic()
@@ -139,6 +146,7 @@ class Bench:
         return Hooked(done.returncode, answer, done.stderr.decode(), seconds)
 
     def edit(self, agent: Agent, path: str, tool: str = "Edit", **extra: str) -> Hooked:
+        """Claude Code's PreToolUse hook for an edit of ``path`` with ``tool``."""
         key = "notebook_path" if tool == "NotebookEdit" else "file_path"
         return self.hook(
             "claude-code",
@@ -148,18 +156,22 @@ class Bench:
         )
 
     def claims(self) -> list[dict[str, Any]]:
+        """The broker's claim rows for the bench's repository."""
         rows: list[dict[str, Any]] = snapshot(self.url, discover(self.repo).id)[
             "claims"
         ]
         return rows
 
     def held_by(self, sid: str) -> list[str]:
+        """The scopes session ``sid`` holds, sorted."""
         return sorted(row["scope"] for row in self.claims() if row["sid"] == sid)
 
     def sidecar_pid(self, agent: Agent) -> int | None:
+        """The pid of ``agent``'s sidecar, from its lock file."""
         return hookclient.sidecar_pid(agent.sid)
 
     def call(self, agent: Agent, request: dict[str, Any]) -> dict[str, Any]:
+        """One request to ``agent``'s sidecar."""
         return hookclient.call_sidecar(agent.sid, request)
 
 
