@@ -752,6 +752,37 @@ def test_gemini_before_tool_denies_with_its_own_shape(bench: Bench) -> None:
     assert bench.held_by("gem-a") == []
 
 
+def test_gemini_facts_on_a_replaced_file_come_after_the_tool(bench: Bench) -> None:
+    """Gemini CLI: BeforeTool on replace claims quietly; AfterTool shows the facts."""
+    a, g = bench.agent("sess-a"), bench.agent("gem-g")
+    bench.edit(a, str(bench.repo / "a.py"))
+    bench.call(
+        a,
+        {"op": "publish", "topics": ["b.py"], "text": "b.py is generated"},
+    )
+
+    def replace(event: str) -> Hooked:
+        data = {
+            "session_id": g.sid,
+            "cwd": str(bench.repo),
+            "hook_event_name": event,
+            "tool_name": "replace",
+            "tool_input": {"file_path": "b.py", "old_string": "1", "new_string": "2"},
+        }
+        return bench.hook("gemini", data, g, GEMINI_SESSION_ID=g.sid)
+
+    before = replace("BeforeTool")
+    after = replace("AfterTool")
+    again = replace("AfterTool")
+
+    assert (before.code, before.answer) == (0, {})
+    assert bench.held_by("gem-g") == ["b.py"]
+    assert after.answer is not None
+    assert after.answer["hookSpecificOutput"]["hookEventName"] == "AfterTool"
+    assert "b.py is generated" in after.context
+    assert again.answer == {}
+
+
 # -- the CLI inside an agent session --------------------------------------------
 
 
