@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import queue
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import orjson
 import pytest
 
+from fleetbus.client import connect
 from fleetbus.client.session import AsyncSession
 from fleetbus.errors import BadInput, BadScope, LimitExceeded, NotOwner
 from fleetbus.facts import FactEvent
@@ -353,6 +355,43 @@ async def test_broker_warns_when_a_session_holding_claims_is_lost(
     assert "/work/tree-7" in warning.body
     assert "feature-x" in warning.body
     assert "uncommitted" in warning.body
+
+
+def test_blocking_session_fact_methods(broker: BrokerProcess, repo: Path) -> None:
+    """The blocking facade publishes, supersedes, retracts, queries, follows
+    (callback and iterator) and keeps shown-once records like the async one."""
+    told: queue.Queue[FactEvent] = queue.Queue()
+    with (
+        connect(broker.url, repo=repo, name="alice", session_id="sync-a") as alice,
+        connect(broker.url, repo=repo, name="bob", session_id="sync-b") as bob,
+    ):
+        first = bob.publish("src/auth/", text="tokens expire early", kind="gotcha")
+        assert [f.id for f in alice.subscribe("src/auth/login.py")] == [first.id]
+        alice.on_fact(told.put)
+        events = alice.fact_events()
+        newer = bob.supersede(first.id, "tokens expire after 60s")
+        other = bob.publish("src/auth/*.py", text="retract me", ttl=60)
+        bob.retract(other.id)
+
+        streamed = [next(events) for _ in range(3)]
+        called = [told.get(timeout=WAIT_S) for _ in range(3)]
+        assert [(e.type, e.id) for e in streamed] == [
+            ("published", newer.id),
+            ("superseded", first.id),
+            ("published", other.id),
+        ]
+        assert called == streamed
+        assert [f.id for f in alice.facts("src/", kind="gotcha")] == [newer.id]
+        assert [f.id for f in alice.facts(author="bob", include_history=True)] == [
+            first.id,
+            newer.id,
+            other.id,
+        ]
+        assert [f.id for f in alice.unseen("src/", mark=False)] == [newer.id]
+        assert alice.mark_seen([newer.id]) == [newer.id]
+        assert alice.unseen("src/") == []
+        with pytest.raises(NotOwner):
+            alice.retract(newer.id)
 
 
 # --- the command line ----------------------------------------------------------

@@ -478,8 +478,15 @@ class SyncFactsMixin:
         self._facts_run(_call(self._core.on_fact, callback))
 
     def fact_events(self) -> Iterator[FactEvent]:
-        """See :meth:`FactsMixin.fact_events`; each step blocks for the next."""
-        stream = self._facts_run(_call(self._core.fact_events))
+        """See :meth:`FactsMixin.fact_events`; each step blocks for the next.
+
+        Following starts at this call, not at the first step.
+        """
+        return self._facts_steps(self._facts_run(_call(self._core.fact_events)))
+
+    def _facts_steps(
+        self, stream: AsyncGenerator[FactEvent, None]
+    ) -> Iterator[FactEvent]:
         try:
             while True:
                 try:
