@@ -157,6 +157,28 @@ def test_subscription_prefixes_receive_every_overlapping_fact(
         assert received
 
 
+@pytest.mark.parametrize(
+    ("topic", "interest"),
+    [
+        ("src/a.py.bak", "src/a.py"),
+        ("src/a.py", "src/a.py.bak"),
+        ("src/authz/x.py", "src/auth/"),
+        ("docs/x.md", "src/"),
+        ("src/deep/x.py", "@build"),
+    ],
+)
+def test_subscription_prefixes_skip_names_that_only_share_letters(
+    topic: str, interest: str
+) -> None:
+    """ZeroMQ's prefix filter alone keeps out a fact on a sibling name
+    (``a.py`` is not a prefix of ``a.py.bak``'s topic) or elsewhere."""
+    published_on = wire.facts_topic(REPO, parse_scope(topic).literal_prefix)
+
+    prefixes = subscription_topics(REPO, parse_scope(interest))
+
+    assert not any(published_on.startswith(prefix) for prefix in prefixes)
+
+
 def test_one_seq_per_fact_and_prev_per_topic() -> None:
     """A fact on several topics takes one seq; each topic links its own prev."""
     t = table()
