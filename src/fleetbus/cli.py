@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     claim.add_argument(
         "--ttl",
-        type=_seconds,
+        type=_positive_seconds,
         default=DEFAULT_TTL_S,
         metavar="SECONDS",
         help="how long the claim lives (default: %(default)g)",
@@ -220,6 +220,13 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
     return value
 
 

@@ -13,7 +13,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetbus.errors import BadScope
+from fleetbus.errors import BadInput, BadScope
 from fleetbus.scope import Scope, parse_scope, relative_path
 
 _GLOB_CHARS = frozenset("*?[")
@@ -34,8 +34,14 @@ class RepoInfo:
 
 
 def discover(path: str | Path | None = None) -> RepoInfo:
-    """Identify the repository that contains ``path`` (default: the cwd)."""
-    start = Path(os.path.realpath(path if path is not None else os.getcwd()))
+    """Identify the repository that contains ``path`` (default: the cwd).
+
+    Raises :class:`BadInput` when ``path`` does not exist.
+    """
+    given = path if path is not None else os.getcwd()
+    start = Path(os.path.realpath(given))
+    if not start.exists():
+        raise BadInput(f"no such file or directory: {given}", field="repo")
     if not start.is_dir():
         start = start.parent
     head = _git(start, "rev-parse", "--show-toplevel", "--abbrev-ref", "HEAD")

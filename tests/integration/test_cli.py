@@ -98,13 +98,19 @@ def test_json_shapes(run: Run) -> None:
 
 
 def test_bad_input_exits_2(run: Run) -> None:
-    """A scope outside the repository and a usage error both exit 2."""
+    """A scope outside the repository, a missing --repo, usage errors: exit 2."""
     outside = run("claim", "/etc/passwd")
     usage = run("release")
+    no_repo = run("claims", "--repo", "no/such/dir")
+    no_ttl = run("claim", "@db", "--ttl", "0")
 
     assert outside.returncode == 2
     assert "outside the repository" in one_line_error(outside)
     assert usage.returncode == 2
+    assert no_repo.returncode == 2
+    assert "no such file or directory" in one_line_error(no_repo)
+    assert no_ttl.returncode == 2
+    assert "--ttl: must be more than 0 seconds" in no_ttl.stderr
 
 
 def test_unreachable_broker_exits_3(tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetbus.errors import BadScope
+from fleetbus.errors import BadInput, BadScope
 from fleetbus.repo import RepoInfo, discover, repo_path, resolve_scope
 
 GIT_ENV = {
@@ -109,6 +109,12 @@ def test_repository_without_commits_falls_back_to_its_root(tmp_path: Path) -> No
 
     assert info.id == f"path:{empty.resolve()}"
     assert info.root == empty.resolve()
+
+
+def test_a_path_that_does_not_exist_is_bad_input(tmp_path: Path) -> None:
+    """A mistyped --repo is refused, not taken as a repository of its own."""
+    with pytest.raises(BadInput, match="no such file or directory"):
+        discover(tmp_path / "missing" / "repo")
 
 
 @pytest.fixture
