@@ -86,7 +86,7 @@ def _wait_in_background(session: Session, scope: str) -> threading.Thread:
 def test_board_shows_holders_waiters_facts_and_quits_on_q(
     broker: BrokerProcess, short_tmp: Path, terminal: Terminal
 ) -> None:
-    """The board lists the holder, who waits behind whom, the fact; q ends it."""
+    """Holders in aligned columns, who waits behind whom, the fact; q quits."""
     with (
         connect(broker.url, repo=short_tmp, name="alice") as alice,
         connect(broker.url, repo=short_tmp, name="bob") as bob,
@@ -117,4 +117,7 @@ def test_board_shows_holders_waiters_facts_and_quits_on_q(
     assert "src/auth/x.py" in waiting
     assert "tokens are cached for 60s" in first
     assert "HOLDERS (2)" in live
+    rows = [line for line in live.splitlines() if line.endswith(("login", "guides"))]
+    assert rows[0].startswith("  alice  src/auth/"), "columns keep their spacing"
+    assert rows[0].index("rework login") == rows[1].index("update guides")
     assert not terminal.alive(), "q ends the board"

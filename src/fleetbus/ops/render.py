@@ -91,6 +91,18 @@ def clip(text: str, width: int) -> str:
     return flat if len(flat) <= width else flat[: max(0, width - 1)] + "…"
 
 
+def fit(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters with an ellipsis, its spacing kept.
+
+    Unlike :func:`clip` it keeps runs of spaces, so aligned columns stay
+    aligned; line breaks and tabs become single spaces.
+    """
+    flat = text.replace("\r", " ").replace("\n", " ").replace("\t", " ")
+    if width <= 0:
+        return ""
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
 def table(
     headers: Sequence[str], rows: Sequence[Sequence[Any]], *, width: int = 0
 ) -> list[str]:

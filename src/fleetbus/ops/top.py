@@ -82,7 +82,7 @@ class Board:
             out += ["  " + format_line(line, colour=False) for line in recent]
         out = out[: max(0, height - 1)]
         out.append("q quits")
-        return [render.clip(line, width - 1) for line in out]
+        return [render.fit(line, width - 1) for line in out]
 
 
 def _holders(state: RepoState, now: float, width: int) -> list[str]:
