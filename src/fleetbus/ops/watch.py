@@ -6,7 +6,10 @@ hands out one ordered series: the history as synthetic events (marked
 ``"replay": true``), then live events. Live events the history already covers
 are dropped by their ``seq``; a missed one (its ``prev`` does not link, or a
 heartbeat names a later head, or the broker restarted) is reported as a
-``notice`` and the table is fetched again.
+``notice`` and the table is fetched again. Facts streams are many, so a lost
+fact event is found another way: when a heartbeat's ``seq`` passes what the
+watcher has fetched up to, it asks for the facts changed since and shows
+those it has not shown.
 
 Each event comes out as a :class:`Line`: the event plus what a reader needs to
 make sense of it (the session's name, the scopes it concerns, a verb), worked
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -27,6 +31,7 @@ from fleetbus.ops.link import Link, repo_topics
 from fleetbus.scope import Scope, parse_scope
 
 FACTS_PAGE = 10_000
+FACTS_MEMORY = 65_536
 SETTLE_S = 1.5
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
@@ -104,6 +109,19 @@ class RepoState:
     claims_head: int = 0
     facts_seq: int = 0
     epoch: int | None = None
+    facts_synced: int | None = None
+    """Every fact event up to this ``seq`` has arrived or been fetched."""
+    facts_shown: OrderedDict[int, None] = field(default_factory=OrderedDict)
+    """The ``seq`` of fact events shown lately, so a fetch repeats none."""
+
+    def show_fact(self, seq: int) -> bool:
+        """Record fact event ``seq`` as shown; False if it was, or is replayed."""
+        if seq <= self.facts_seq or seq in self.facts_shown:
+            return False
+        self.facts_shown[seq] = None
+        while len(self.facts_shown) > FACTS_MEMORY:
+            self.facts_shown.popitem(last=False)
+        return True
 
 
 class Watcher:
@@ -168,6 +186,8 @@ class Watcher:
         state.view.load(snapshot)
         state.claims_head = int(snapshot.get("head", 0))
         state.epoch = snapshot.get("epoch")
+        if state.facts_synced is None:
+            state.facts_synced = int(snapshot.get("seq", 0))
         for info in state.view.sessions.values():
             state.names[info.sid] = info.name
         for row in state.view.claims():
@@ -192,6 +212,7 @@ class Watcher:
     def _replay(self, repo: str, state: RepoState, since: Since) -> list[Line]:
         facts, facts_seq = self._facts(repo, since)
         state.facts_seq = max(state.facts_seq, facts_seq)
+        state.facts_synced = max(state.facts_synced or 0, facts_seq)
         events: list[dict[str, Any]] = []
         for info in state.view.sessions.values():
             if since.admits(None, info.joined):
@@ -266,10 +287,27 @@ class Watcher:
         self, repo: str, state: RepoState, event: dict[str, Any]
     ) -> list[Line]:
         seq = event.get("seq")
-        if not isinstance(seq, int) or seq <= state.facts_seq:
+        if not isinstance(seq, int) or not state.show_fact(seq):
             return []
-        state.facts_seq = seq
         return [self._describe(repo, state, event)]
+
+    def _fetch_facts(self, repo: str, state: RepoState, seq: int) -> list[Line]:
+        """Show the fact events after ``facts_synced`` that never arrived."""
+        if state.facts_synced is None or seq <= state.facts_synced:
+            state.facts_synced = max(seq, state.facts_synced or 0)
+            return []
+        since = Since(seq=state.facts_synced)
+        facts, at = self._facts(repo, since)
+        if len(facts) >= FACTS_PAGE:
+            at = int(facts[-1]["changed"])
+        state.facts_synced = max(state.facts_synced, at)
+        events = [event for fact in facts for event in _fact_history(fact, since)]
+        lines = []
+        for event in sorted(events, key=lambda event: int(event["seq"])):
+            if state.show_fact(int(event["seq"])):
+                event["repo"] = repo
+                lines.append(self._describe(repo, state, event))
+        return lines
 
     def _heartbeat(
         self, repo: str, state: RepoState, event: dict[str, Any]
@@ -288,7 +326,8 @@ class Watcher:
                     _MISSED.format(before),
                 )
             ]
-        return []
+        seq = event.get("seq")
+        return self._fetch_facts(repo, state, seq) if isinstance(seq, int) else []
 
     def _apply(self, repo: str, state: RepoState, event: dict[str, Any]) -> list[Line]:
         line = self._describe(repo, state, event)
