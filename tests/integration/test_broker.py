@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -154,7 +153,7 @@ def _first_heartbeat(raw: Raw) -> tuple[dict[str, Any], int]:
 def test_signal_stops_the_broker_cleanly(
     broker_factory: Callable[..., BrokerProcess], sig: signal.Signals
 ) -> None:
-    """SIGTERM or SIGINT: exit 0, a last log line, and a restart on the same URL."""
+    """SIGTERM or SIGINT: exit 0, a last log line, socket files gone, restartable."""
     broker = broker_factory()
     assert broker.proc is not None
 
@@ -162,17 +161,17 @@ def test_signal_stops_the_broker_cleanly(
 
     assert broker.wait() == 0
     assert '"event":"broker.stopped"' in broker.log()
+    socket_file = Path(broker.url.removeprefix("ipc://"))
+    assert not socket_file.exists()
+    assert not Path(f"{socket_file}.pub").exists()
     assert broker.start().epoch == 2
 
 
 def test_sdk_over_tcp_learns_the_event_port(
     broker_factory: Callable[..., BrokerProcess], tmp_path: Path
 ) -> None:
-    """On tcp:// loopback one URL is enough: replies, and events on their port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    broker = broker_factory("tcp", url=f"tcp://127.0.0.1:{port}")
+    """On tcp:// port 0 the broker logs the port it took; that URL is enough."""
+    broker = broker_factory("tcp", url="tcp://127.0.0.1:0")
     repo = RepoInfo(id="path:/tcp", root=tmp_path, branch=None)
 
     with (
@@ -184,3 +183,4 @@ def test_sdk_over_tcp_learns_the_event_port(
 
         assert [row.intent for row in b.holders("src/a.py")] == ["over tcp"]
         assert not b.may_edit("src/a.py")
+        assert a.status()["url"] == broker.url != "tcp://127.0.0.1:0"

@@ -35,7 +35,8 @@ def ping(url: str, timeout_s: float = 0.2) -> dict[str, Any] | None:
 class BrokerProcess:
     """A ``python -m fleetbus.broker`` child on an ipc socket in ``workdir``.
 
-    ``url`` binds another address instead, such as ``tcp://127.0.0.1:PORT``.
+    ``url`` binds another address instead, such as ``tcp://127.0.0.1:0``: with
+    port 0, :attr:`url` becomes the address bound, as the broker logs it.
     """
 
     def __init__(
@@ -49,7 +50,8 @@ class BrokerProcess:
         env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
-        self.url = url or f"ipc://{workdir}/broker.sock"
+        self.bind_url = url or f"ipc://{workdir}/broker.sock"
+        self.url = self.bind_url
         self.data_dir = workdir / "data"
         self.log_path = workdir / "broker.log"
         self.lease_ms = lease_ms
@@ -72,7 +74,7 @@ class BrokerProcess:
                     "-m",
                     "fleetbus.broker",
                     "--url",
-                    self.url,
+                    self.bind_url,
                     "--data",
                     str(self.data_dir),
                     *self.args,
@@ -85,11 +87,26 @@ class BrokerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"broker exited early:\n{self.log()}")
-            reply = ping(self.url)
+            url = self._bound_url()
+            if url is None:
+                time.sleep(0.05)
+                continue
+            reply = ping(url)
             if reply is not None:
+                self.url = url
                 self.epoch = reply["epoch"]
                 return self
         raise RuntimeError(f"broker did not answer in time:\n{self.log()}")
+
+    def _bound_url(self) -> str | None:
+        """The URL to reach; for port 0, the last one the broker said it bound."""
+        if not self.bind_url.endswith(":0"):
+            return self.bind_url
+        bound = None
+        for line in self.log().splitlines():
+            if '"broker.started"' in line:
+                bound = str(orjson.loads(line)["url"])
+        return bound
 
     def log(self) -> str:
         """What the broker logged so far."""

@@ -97,6 +97,8 @@ class Broker:
         self.pub = self.ctx.socket(zmq.PUB)
         self.store: Store | None = None
         self.pub_endpoint = ""
+        self.url = config.url
+        self._ipc_files: list[Path] = []
         self.metrics = Metrics()
         self.metrics_server: MetricsServer | None = None
 
@@ -112,7 +114,7 @@ class Broker:
         self._serve_metrics()
         self.log.info(
             "broker.started",
-            url=self.config.url,
+            url=self.url,
             pub=self.pub_endpoint,
             epoch=self.epoch,
             data=str(self.config.data_dir),
@@ -153,15 +155,21 @@ class Broker:
         try:
             _prepare_ipc(self.config.url)
             self.router.bind(self.config.url)
+            self._note_ipc(self.config.url)
             pub_url = self.config.pub_url or _default_pub_url(self.config.url)
             _prepare_ipc(pub_url)
             self.pub.bind(pub_url)
+            self._note_ipc(pub_url)
         finally:
             os.umask(old_umask)
-        endpoint = self.pub.getsockopt(zmq.LAST_ENDPOINT)
-        self.pub_endpoint = (
-            endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
-        )
+        # What was bound, with the port chosen for "tcp://HOST:0" filled in.
+        self.url = _last_endpoint(self.router)
+        self.pub_endpoint = _last_endpoint(self.pub)
+
+    def _note_ipc(self, url: str) -> None:
+        """Remember a socket file this broker bound, to remove it on close."""
+        if url.startswith("ipc://"):
+            self._ipc_files.append(Path(url[len("ipc://") :]))
 
     def _serve_metrics(self) -> None:
         if self.config.metrics is None:
@@ -210,6 +218,8 @@ class Broker:
         """Close sockets and the store."""
         self.router.close(linger=0)
         self.pub.close(linger=0)
+        for path in self._ipc_files:
+            path.unlink(missing_ok=True)
         self.ctx.term()
         if self.metrics_server is not None:
             self.metrics_server.close()
@@ -598,7 +608,7 @@ class Broker:
                 "epoch": self.epoch,
                 "version": __version__,
                 "started": self.started,
-                "url": self.config.url,
+                "url": self.url,
                 "pub": self.pub_endpoint,
                 "data_dir": str(self.config.data_dir),
                 "repos": repos,
@@ -776,6 +786,11 @@ def _default_pub_url(url: str) -> str:
         host = url[len("tcp://") :].rsplit(":", 1)[0]
         return f"tcp://{host}:*"
     raise BadInput(f"unsupported broker URL {url!r}: use ipc:// or tcp://")
+
+
+def _last_endpoint(sock: zmq.Socket[bytes]) -> str:
+    endpoint = sock.getsockopt(zmq.LAST_ENDPOINT)
+    return endpoint.decode() if isinstance(endpoint, bytes) else str(endpoint)
 
 
 def _prepare_ipc(url: str) -> None:
