@@ -152,6 +152,39 @@ async def test_retry_with_the_same_rid_grants_once(join: Callable[..., Any]) -> 
     assert len(a.claims(mine=True)) == 1
 
 
+async def test_retried_release_releases_once(join: Callable[..., Any]) -> None:
+    """A release retried under its rid does not take a claim granted since."""
+    a = await join("a")
+    await a.claim("src/a.py")
+    message = {"op": "release", "rid": "rel", "sid": a.sid, "scopes": ["src/a.py"]}
+
+    first = await a._exchange(dict(message), None, None)
+    later = await a.claim("src/a.py")
+    again = await a._exchange(dict(message), None, None)
+    await a.wait_synced()
+
+    assert again["released"] == first["released"] != []
+    assert [row.grant for row in a.claims(mine=True)] == [later.id]
+
+
+async def test_retry_after_a_broker_restart_grants_once(
+    join: Callable[..., Any], broker: BrokerProcess
+) -> None:
+    """The first reply survives a SIGKILL: a retry gets it, not a second grant."""
+    a = await join("a")
+    message = {"op": "claim", "rid": "keep", "sid": a.sid, "scopes": ["@db"]}
+    first = await a._exchange(dict(message), None, None)
+    stream = a.events()
+
+    broker.restart()
+    await next_event(stream, lambda e: e["type"] == "resync")
+    again = await a._exchange(dict(message), None, None)
+    await a.wait_synced()
+
+    assert (again["grant"], again["fence"]) == (first["grant"], first["fence"])
+    assert [row.grant for row in a.claims(mine=True)] == [first["grant"]]
+
+
 async def test_replica_answers_like_the_broker(join: Callable[..., Any]) -> None:
     """After wait_synced, local holders and may_edit match the broker's table."""
     a, b, c = await join("a"), await join("b"), await join("c")
