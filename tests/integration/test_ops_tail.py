@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -247,6 +248,34 @@ def test_broken_pipe_ends_quietly(broker: BrokerProcess, short_tmp: Path) -> Non
             proc.wait(10)
 
     assert "alice" in first
+    assert status.read_text().strip() == "0"
+    assert (short_tmp / "err").read_text() == ""
+
+
+def test_head_ends_tail_when_the_fleet_is_quiet(
+    broker: BrokerProcess, short_tmp: Path
+) -> None:
+    """``tail | head -1`` ends soon after head, though no further line is written."""
+    status = short_tmp / "status"
+    script = (
+        f'"{FLEETBUS}" tail --url {broker.url} --since 0 --json --kind joined '
+        f'2>"{short_tmp}/err" | head -1; echo "${{PIPESTATUS[0]}}" > "{status}"'
+    )
+    with join(broker, short_tmp, "alice"):
+        proc = subprocess.Popen(
+            ["bash", "-c", script],
+            cwd=short_tmp,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            out, _ = proc.communicate(timeout=DEADLINE_S)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+            proc.wait(10)
+
+    assert orjson.loads(out)["who"] == "alice"
     assert status.read_text().strip() == "0"
     assert (short_tmp / "err").read_text() == ""
 

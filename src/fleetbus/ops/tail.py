@@ -9,6 +9,7 @@ the facts changed since), then follows without a gap or a repeat.
 from __future__ import annotations
 
 import argparse
+import select
 import sys
 from typing import Any, TextIO
 
@@ -117,6 +118,21 @@ def emit(line: Line, out: TextIO, *, as_json: bool, colour: bool) -> None:
     out.flush()
 
 
+def reader_gone(stream: TextIO) -> bool:
+    """Whether ``stream`` is a pipe whose reader has gone (``| head`` ended).
+
+    A write would fail, but a quiet fleet may not write for hours: polling the
+    descriptor for an error lets tail end as soon as its reader does.
+    """
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):
+        return False
+    poller = select.poll()
+    poller.register(fd, 0)
+    return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+
+
 def run(args: argparse.Namespace) -> int:
     """Follow the events until interrupted; returns the exit code."""
     since = parse_since(args.since) if args.since else None
@@ -143,3 +159,5 @@ def run(args: argparse.Namespace) -> int:
             for line in watcher.poll(POLL_S):
                 if chosen.admits(line):
                     emit(line, out, as_json=args.json, colour=colour)
+            if reader_gone(out):
+                raise BrokenPipeError
