@@ -18,14 +18,14 @@ out when it arrived, before the watcher's copy of the table changed.
 
 from __future__ import annotations
 
-import re
 import time
+from argparse import ArgumentTypeError
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from fleetbus.claims import ClaimView, Waiter
+from fleetbus.cli_facts import parse_since as parse_when
 from fleetbus.errors import BadInput, FleetbusError, ProtocolError
 from fleetbus.ops.link import Link, repo_topics
 from fleetbus.scope import Scope, parse_scope
@@ -33,8 +33,6 @@ from fleetbus.scope import Scope, parse_scope
 FACTS_PAGE = 10_000
 FACTS_MEMORY = 65_536
 SETTLE_S = 1.5
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 _MISSED = "missed claims events after seq {}; table fetched again"
 _RELEASE_VERBS = {
     "released": ("released", ""),
@@ -62,21 +60,15 @@ class Since:
 
 
 def parse_since(text: str, now: float | None = None) -> Since:
-    """A ``seq`` (``120``), a duration back from now (``10m``) or an ISO time."""
-    value = text.strip()
-    if value.isdigit():
-        return Since(seq=int(value))
-    match = _DURATION.match(value)
-    if match:
-        seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
-        return Since(wall=(time.time() if now is None else now) - seconds)
+    """A ``seq`` (``120``), a duration back from now (``10m``, ``1h30m``) or an
+    ISO time: what ``fleetbus facts --since`` takes."""
     try:
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        when = parse_when(text, now)
+    except ArgumentTypeError:
         raise BadInput(
             f"--since takes a seq, a duration (10m, 2h) or an ISO time, not {text!r}"
         ) from None
-    return Since(wall=moment.timestamp())
+    return Since(seq=when) if isinstance(when, int) else Since(wall=when)
 
 
 @dataclass(slots=True)
