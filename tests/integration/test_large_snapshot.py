@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,10 +26,10 @@ def test_decode_keeps_the_request_limit_unless_told() -> None:
 
 
 async def test_session_joins_a_repo_with_a_snapshot_over_the_request_limit(
-    tmp_path: Path,
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
 ) -> None:
     """A replica loads thousands of claims whose snapshot exceeds 256 KiB."""
-    broker = BrokerProcess(tmp_path, lease_ms=60_000).start()
+    broker = broker_factory(lease_ms=60_000)
     repo = RepoInfo(id="test:large", root=tmp_path, branch=None)
     holder = await AsyncSession.connect(broker.url, repo=repo, name="holder")
     try:
@@ -47,4 +48,3 @@ async def test_session_joins_a_repo_with_a_snapshot_over_the_request_limit(
             await joiner.close()
     finally:
         await holder.close()
-        broker.stop()

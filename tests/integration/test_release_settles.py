@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from fleetbus.client import AsyncSession
@@ -10,10 +11,10 @@ from tests.support.brokerproc import BrokerProcess
 
 
 async def test_release_is_visible_in_the_replica_when_it_returns(
-    tmp_path: Path,
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
 ) -> None:
     """Right after release() the replica no longer holds the released rows."""
-    broker = BrokerProcess(tmp_path, lease_ms=60_000).start()
+    broker = broker_factory(lease_ms=60_000)
     repo = RepoInfo(id="test:release", root=tmp_path, branch=None)
     session = await AsyncSession.connect(broker.url, repo=repo, name="a")
     try:
@@ -28,4 +29,3 @@ async def test_release_is_visible_in_the_replica_when_it_returns(
             assert session.holders("src/shared.py") == []
     finally:
         await session.close()
-        broker.stop()

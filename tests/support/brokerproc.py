@@ -96,6 +96,7 @@ class BrokerProcess:
                 self.url = url
                 self.epoch = reply["epoch"]
                 return self
+        self.kill()
         raise RuntimeError(f"broker did not answer in time:\n{self.log()}")
 
     def _bound_url(self) -> str | None:
