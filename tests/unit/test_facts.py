@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import itertools
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 
 from fleetbus import wire
+from fleetbus.cli_facts import parse_since
+from fleetbus.client.facts import since_fields
 from fleetbus.errors import BadInput, BadScope, NotOwner, ProtocolError
 from fleetbus.facts import (
     Fact,
@@ -85,6 +89,31 @@ def test_malformed_wire_fact_is_protocol_error() -> None:
 
     with pytest.raises(ProtocolError):
         Fact.from_wire(data)
+
+
+def test_since_in_the_sdk_is_a_seq_a_time_or_an_age() -> None:
+    """An int is a seq, a float or datetime a wall time, a timedelta an age."""
+    assert since_fields(None) == {}
+    assert since_fields(7) == {"since": 7}
+    assert since_fields(12.5) == {"since_time": 12.5}
+    moment = datetime(1970, 1, 1, 0, 1, 40, tzinfo=UTC)
+    assert since_fields(moment) == {"since_time": 100.0}
+    age = since_fields(timedelta(hours=1))["since_time"]
+    assert abs(age - (time.time() - 3600)) < 60
+    for wrong in (True, "1h"):
+        with pytest.raises(BadInput):
+            since_fields(wrong)  # type: ignore[arg-type]
+
+
+def test_since_on_the_command_line() -> None:
+    """``--since`` is digits (a seq), an age, also combined, or an ISO time."""
+    assert parse_since("120") == 120
+    assert parse_since("90s", now=1000.0) == 910.0
+    assert parse_since("1h30m", now=10_000.0) == 4_600.0
+    assert parse_since("1970-01-01T00:01:40+00:00") == 100.0
+    for wrong in ("yesterday", "10x", "1h 30m"):
+        with pytest.raises(Exception, match="not a seq number"):
+            parse_since(wrong)
 
 
 # --- publishing and querying -----------------------------------------------------
