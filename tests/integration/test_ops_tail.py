@@ -18,6 +18,8 @@ import orjson
 import pytest
 
 from fleetbus.client import Session, connect
+from fleetbus.errors import BadInput
+from fleetbus.ops.tail import Filter
 from fleetbus.ops.watch import Since, parse_since
 from tests.support.brokerproc import BrokerProcess
 
@@ -311,6 +313,14 @@ def test_unreachable_broker_exits_3(short_tmp: Path) -> None:
 
     assert done.returncode == 3
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_kind_filter_refuses_an_unknown_name() -> None:
+    """Families, types, verbs and fact kinds pass; a typo is refused by name."""
+    Filter(["claim,gotcha", "session.lost", "expired", "holds"], None, [])
+
+    with pytest.raises(BadInput, match="'gotchas' names no kind of event; known: "):
+        Filter(["gotchas"], None, [])
 
 
 def test_since_takes_a_seq_a_duration_or_an_iso_time() -> None:

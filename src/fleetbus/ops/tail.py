@@ -16,6 +16,7 @@ from typing import Any, TextIO
 import orjson
 
 from fleetbus.errors import BadInput, FleetbusError
+from fleetbus.facts import KINDS
 from fleetbus.ops import render
 from fleetbus.ops.link import Link, resolve_url
 from fleetbus.ops.watch import Line, Watcher, parse_since, scopes_overlap
@@ -25,6 +26,19 @@ from fleetbus.scope import Scope, parse_scope
 POLL_S = 1.0
 NAME_WIDTH = 14
 VERB_WIDTH = 13
+KIND_NAMES = frozenset(
+    {
+        *("session", "claim", "wait", "fact", "notice"),
+        *("session.joined", "session.left", "session.lost"),
+        *("claim.granted", "claim.released", "claim.renewed"),
+        *("wait.queued", "wait.ended", "fact.published", "fact.ended"),
+        "fact.dropped",
+        *("joined", "left", "lost", "claimed", "holds", "released", "expired"),
+        *("renewed", "waits", "stops", "dropped", "superseded", "retracted"),
+        *KINDS,
+    }
+)
+"""Every name ``--kind`` takes: families, types, verbs and kinds of facts."""
 
 
 def target_repo(args: argparse.Namespace) -> tuple[str | None, RepoInfo | None]:
@@ -59,6 +73,12 @@ class Filter:
         self.kinds = {
             k.strip() for raw in kinds or [] for k in raw.split(",") if k.strip()
         }
+        unknown = sorted(self.kinds - KIND_NAMES)
+        if unknown:
+            raise BadInput(
+                f"--kind {unknown[0]!r} names no kind of event; "
+                f"known: {', '.join(sorted(KIND_NAMES))}"
+            )
         self.sessions = set(sessions or [])
         self.scopes = scopes
 
@@ -138,9 +158,10 @@ def run(args: argparse.Namespace) -> int:
     since = parse_since(args.since) if args.since else None
     repo, info = target_repo(args)
     try:
-        chosen = Filter(args.kind, args.session, wanted_scopes(args.scopes, info))
+        scopes = wanted_scopes(args.scopes, info)
     except FleetbusError as exc:
         raise BadInput(f"bad scope filter: {exc.message}") from exc
+    chosen = Filter(args.kind, args.session, scopes)
     out = sys.stdout
     colour = not args.json and render.use_colour(out)
     with Link(resolve_url(args.url), timeout=args.timeout) as link:
