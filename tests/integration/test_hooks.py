@@ -24,7 +24,7 @@ import orjson
 import pytest
 import zmq
 
-from fleetbus.agents import hookclient
+from fleetbus.agents import gitguard, hookclient
 from fleetbus.repo import discover
 from tests.support.brokerproc import BrokerProcess
 
@@ -715,6 +715,71 @@ def test_codex_apply_patch_claims_and_denies(bench: Bench) -> None:
     assert bench.held_by("codex-a") == ["a.py", "src/new.py"]
     assert second.decision == "deny"
     assert "codex@main#codex-a" in second.reason
+
+
+# An agent that, like Codex, runs its hooks and shell commands as children and
+# tells them no session id: one JSON job per line in, its result per line out.
+_AGENT_LOOP = """
+import json, os, subprocess, sys
+os.environ["FLEETBUS_AGENT_PID"] = str(os.getpid())
+for line in sys.stdin:
+    job = json.loads(line)
+    done = subprocess.run(job[0], input=job[1], capture_output=True, text=True)
+    print(json.dumps([done.returncode, done.stdout, done.stderr]), flush=True)
+"""
+
+
+def test_codex_commit_is_checked_as_its_session_found_by_ancestry(
+    bench: Bench,
+) -> None:
+    """Codex's own commit of a file it claimed passes the guard; another's not."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _AGENT_LOOP],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=bench.repo,
+        env=bench.env(),
+    )
+    bench.agents.append(Agent("codex-c", proc))
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+
+    def run(*argv: str, stdin: str = "") -> tuple[int, str, str]:
+        proc.stdin.write(json.dumps([argv, stdin]) + "\n")
+        proc.stdin.flush()
+        code, out, err = json.loads(proc.stdout.readline())
+        return code, out, err
+
+    fleetbus = str(Path(sys.executable).parent / "fleetbus")
+    gitguard.install(bench.repo, fleetbus)
+    event = {
+        "session_id": "codex-c",
+        "cwd": str(bench.repo),
+        "hook_event_name": "PreToolUse",
+        "tool_name": "apply_patch",
+        "tool_input": {"command": PATCH},
+    }
+    hooked = run(fleetbus, "hook", "codex", stdin=json.dumps(event))
+    (bench.repo / "a.py").write_text("a = 2\n")
+    claimed = run(fleetbus, "claim", "b.py")
+    committed = run("git", "commit", "-qam", "codex edits a.py")
+    (bench.repo / "a.py").write_text("a = 3\n")
+    outsider = subprocess.run(
+        ["git", "commit", "-qam", "someone else edits a.py"],
+        cwd=bench.repo,
+        env=bench.env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert hooked[0] == 0, hooked
+    assert "with the session" in claimed[1], claimed
+    assert committed[0] == 0, committed
+    assert bench.held_by("codex-c") == ["a.py", "b.py", "src/new.py"]
+    assert outsider.returncode == 1
+    assert "codex@main#codex-c" in outsider.stderr
 
 
 def test_gemini_before_tool_denies_with_its_own_shape(bench: Bench) -> None:

@@ -491,3 +491,30 @@ def test_agent_pid_from_env_or_the_shell_s_parent() -> None:
     assert found in ancestors
     assert hookclient.parent_of(os.getpid()) == os.getppid()
     assert hookclient.parent_of(2**22 + 12345) is None
+
+
+def test_session_from_ancestry_finds_the_sidecar_of_an_ancestor_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sidecar whose agent is this process (or its parent) names the session."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    fake = subprocess.Popen(
+        [
+            *(sys.executable, "-c", "import sys; sys.stdin.read()"),
+            *("fleetbus.agents.sidecar", "--session-id", "codex-1"),
+            *("--agent-pid", str(os.getpid())),
+        ],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        Path(hookclient.sidecar_file("codex-1", ".lock")).write_text(f"{fake.pid}\n")
+        Path(hookclient.sidecar_file("gone", ".lock")).write_text("")
+
+        mine = hookclient.session_from_ancestry(start=os.getpid())
+        from_child = hookclient.session_from_ancestry(start=fake.pid)
+        unrelated = hookclient.session_from_ancestry(start=os.getppid())
+    finally:
+        fake.communicate(b"")
+
+    assert (mine, from_child, unrelated) == ("codex-1", "codex-1", None)
+    assert hookclient.session_from_ancestry(start=os.getpid()) is None

@@ -245,12 +245,19 @@ def committing_session() -> str:
     """The id of the session making the commit: from the environment, else the CLI's.
 
     ``FLEETBUS_SESSION``, else ``CLAUDE_CODE_SESSION_ID``, else
-    ``GEMINI_SESSION_ID``, else the id the ``fleetbus`` CLI claims under.
+    ``GEMINI_SESSION_ID``, else the session of the agent (with a running
+    sidecar) that the commit runs under, else the id the ``fleetbus`` CLI
+    claims under.
     """
     for name in SESSION_ENVS:
         value = os.environ.get(name)
         if value:
             return value
+    from fleetbus.agents.hookclient import session_from_ancestry
+
+    found = session_from_ancestry()
+    if found is not None:
+        return found
     from fleetbus.cli import session_id
 
     return session_id()

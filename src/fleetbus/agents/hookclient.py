@@ -300,6 +300,49 @@ def _basename(argv: list[str]) -> str:
     return os.path.basename(argv[0]).lower() if argv else ""
 
 
+def session_from_ancestry(start: int | None = None) -> str | None:
+    """The session of a running sidecar whose agent is an ancestor of this process.
+
+    For agents that do not tell the commands they run which session they are
+    (Codex): each sidecar names its session and its agent's pid on its command
+    line, and its pid is in its lock file. ``start`` is the first process to
+    look at (default: the parent).
+    """
+    agents: dict[int, str] = {}
+    directory = runtime_dir()
+    for name in os.listdir(directory):
+        if name.startswith("sc-") and name.endswith(".lock"):
+            found = _sidecar_of(os.path.join(directory, name))
+            if found is not None:
+                agents[found[0]] = found[1]
+    pid: int | None = os.getppid() if start is None else start
+    for _ in range(64):
+        if not agents or pid is None or pid <= 1:
+            break
+        if pid in agents:
+            return agents[pid]
+        pid = parent_of(pid)
+    return None
+
+
+def _sidecar_of(lock: str) -> tuple[int, str] | None:
+    """The agent pid and session id of the live sidecar that wrote ``lock``."""
+    try:
+        with open(lock) as handle:
+            text = handle.read().strip()
+    except OSError:
+        return None
+    argv = _cmdline(int(text)) if text.isdigit() else []
+    if "fleetbus.agents.sidecar" not in argv:
+        return None
+    from itertools import pairwise
+
+    options = dict(pairwise(argv))
+    agent_pid = options.get("--agent-pid", "")
+    session = options.get("--session-id")
+    return (int(agent_pid), session) if agent_pid.isdigit() and session else None
+
+
 def sidecar_pid(session_id: str) -> int | None:
     """The pid the running sidecar of ``session_id`` wrote to its lock file."""
     try:

@@ -116,13 +116,14 @@ def attach(
 ) -> SidecarSession | None:
     """The sidecar of the agent session this process runs in, if one answers.
 
-    None when a session was named explicitly, when no agent session is in the
-    environment, or when its sidecar is not running: the CLI then joins the
-    fleet itself.
+    The session is the one the environment names, else that of the agent
+    process this one runs under (:func:`hookclient.session_from_ancestry`).
+    None when a session was named explicitly, when there is no such session,
+    or when its sidecar is not running: the CLI then joins the fleet itself.
     """
     if explicit_session:
         return None
-    sid = hookclient.session_from_env()
+    sid = hookclient.session_from_env() or hookclient.session_from_ancestry()
     if sid is None or not hookclient.answers(sid):
         return None
     return SidecarSession(sid, implicit_ttl=implicit_ttl)
