@@ -76,6 +76,29 @@ def test_claude_install_keeps_foreign_entries(repo: Places) -> None:
     }
 
 
+def test_claude_settings_have_the_hook_protocol_shape(repo: Places) -> None:
+    """Matchers, ``type: command``, the command and timeouts in seconds, exactly."""
+    install.install_agent("claude-code", repo, fleetbus=FLEETBUS)
+
+    def group(timeout: int, matcher: str | None = None) -> dict[str, Any]:
+        hook = {"type": "command", "command": f"{FLEETBUS} hook claude-code"}
+        entry = {"hooks": [{**hook, "timeout": timeout}]}
+        return entry if matcher is None else {"matcher": matcher, **entry}
+
+    assert _load(repo.base / ".claude" / "settings.json") == {
+        "hooks": {
+            "PreToolUse": [
+                group(15, "Edit|Write|MultiEdit|NotebookEdit"),
+                group(10, "Bash"),
+            ],
+            "PostToolUse": [group(10, "Bash")],
+            "SessionStart": [group(15)],
+            "UserPromptSubmit": [group(10)],
+            "SessionEnd": [group(2)],
+        }
+    }
+
+
 def test_install_twice_changes_nothing(repo: Places) -> None:
     """A second run finds every entry in place and writes no file."""
     settings_path = repo.base / ".claude" / "settings.json"
