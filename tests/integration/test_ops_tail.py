@@ -103,6 +103,30 @@ def test_human_lines_show_time_repo_name_verb_scope_and_intent(
     assert line.endswith("— rework login")
 
 
+def test_replay_is_in_the_order_things_happened(
+    broker: BrokerProcess, short_tmp: Path, tail: Any
+) -> None:
+    """Joins, then the holder's grant, then the request waiting behind it."""
+    with (
+        join(broker, short_tmp, "alice") as alice,
+        join(broker, short_tmp, "bob") as bob,
+    ):
+        alice.claim("src/auth/", intent="rework login")
+        queued = threading.Event()
+        bob.on_event(lambda e: queued.set() if e["type"] == "wait.queued" else None)
+        waiter = threading.Thread(
+            target=bob.claim, args=("src/auth/x.py",), kwargs={"wait": 30}, daemon=True
+        )
+        waiter.start()
+        assert queued.wait(DEADLINE_S)
+        replay = tail("--since", "0").until(lambda line: line == "-- live --")
+        alice.release(all=True)
+        waiter.join(DEADLINE_S)
+
+    verbs = [line.split()[3] for line in replay[:-1]]
+    assert verbs == ["joined", "joined", "holds", "waits"]
+
+
 def wait_ready(out: Reader, session: Session) -> None:
     """Claim ``src/ready.py`` until tail shows it: then it is subscribed."""
     deadline = time.monotonic() + DEADLINE_S

@@ -143,7 +143,8 @@ class Watcher:
             state = self._load(repo)
             if since is not None:
                 lines.extend(self._replay(repo, state, since))
-        lines.sort(key=lambda line: (line.event.get("seq") or 0, line.at or 0.0))
+        # In the order things happened: joins, waits and grants carry no seq.
+        lines.sort(key=lambda line: (line.at or 0.0, line.event.get("seq") or 0))
         for topic, event in early + self.link.events(0):
             lines.extend(self._take(topic, event))
         return lines
