@@ -15,8 +15,12 @@ from tests.support.brokerproc import BrokerProcess
 FLEETBUS = str(Path(sys.executable).parent / "fleetbus")
 
 
-def doctor(url: str, repo: Path, *args: str) -> tuple[int, dict[str, Any]]:
+def doctor(
+    url: str, repo: Path, *args: str, session: str | None = None
+) -> tuple[int, dict[str, Any]]:
     env = {k: v for k, v in os.environ.items() if k != "CLAUDE_CODE_SESSION_ID"}
+    if session is not None:
+        env["CLAUDE_CODE_SESSION_ID"] = session
     done = subprocess.run(
         [FLEETBUS, "doctor", "--url", url, "--repo", str(repo), "--json", *args],
         capture_output=True,
@@ -64,8 +68,8 @@ def test_healthy_setup_exits_0(broker: BrokerProcess, short_tmp: Path) -> None:
 def test_broken_setup_exits_1_and_says_what_is_wrong(
     broker: BrokerProcess, short_tmp: Path
 ) -> None:
-    """An open data directory fails; missing hooks are pointed out."""
-    broker.workdir.chmod(0o700)
+    """Open socket and data directories fail; missing hooks are pointed out."""
+    broker.workdir.chmod(0o755)
     broker.data_dir.chmod(0o755)
     repo = make_repo(short_tmp / "repo", hooks=False)
 
@@ -74,11 +78,28 @@ def test_broken_setup_exits_1_and_says_what_is_wrong(
     checks = by_name(report)
     details = {c["name"]: c["detail"] for c in report["checks"]}
     assert code == 1
+    assert checks["socket"] == "fail"
+    assert f"chmod 700 {broker.workdir}" in details["socket"]
     assert checks["data"] == "fail"
     assert "chmod 700" in details["data"]
     assert checks["hooks"] == "warn"
     assert "fleetbus install" in details["hooks"]
     assert checks["git guard"] == "warn"
+
+
+def test_agent_session_without_a_sidecar_is_a_problem(
+    broker: BrokerProcess, short_tmp: Path
+) -> None:
+    """Inside an agent's session whose sidecar is gone, doctor says where its log is."""
+    broker.workdir.chmod(0o700)
+    repo = make_repo(short_tmp / "repo", hooks=True)
+
+    code, report = doctor(broker.url, repo, session="no-such-session")
+
+    sidecar = next(c for c in report["checks"] if c["name"] == "sidecar")
+    assert code == 1
+    assert sidecar["status"] == "fail"
+    assert "no-such-session has no live sidecar" in sidecar["detail"]
 
 
 def test_unreachable_broker_exits_3(short_tmp: Path) -> None:
