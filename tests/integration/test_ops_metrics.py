@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -89,6 +90,35 @@ def test_refusals_and_releases_are_counted(
     assert after['fleetbus_request_errors_total{code="conflict"}'] == 1
     assert after['fleetbus_claim_releases_total{reason="session_left"}'] == 1
     assert after["fleetbus_claims_held"] == 0
+
+
+def test_waiting_claims_and_expiries_are_counted(
+    metered: BrokerProcess, short_tmp: Path
+) -> None:
+    """A queued request shows in the waiting gauge; a TTL ending is an expiry."""
+    port = metrics_port(metered)
+
+    with (
+        connect(metered.url, repo=short_tmp, name="a") as a,
+        connect(metered.url, repo=short_tmp, name="b") as b,
+    ):
+        a.claim("src/", ttl=2)
+        queued = threading.Event()
+        b.on_event(lambda e: queued.set() if e["type"] == "wait.queued" else None)
+        waiter = threading.Thread(
+            target=b.claim, args=("src/x.py",), kwargs={"wait": 10}, daemon=True
+        )
+        waiter.start()
+        assert queued.wait(DEADLINE_S)
+        waiting = scrape(port)
+        waiter.join(DEADLINE_S)
+        after = scrape(port)
+
+    assert waiting["fleetbus_claims_waiting"] == 1
+    assert after["fleetbus_claims_waiting"] == 0
+    assert after["fleetbus_claim_expiries_total"] == 1
+    assert after['fleetbus_claim_releases_total{reason="ttl_expired"}'] == 1
+    assert after["fleetbus_claim_grants_total"] == 2
 
 
 def test_histogram_buckets_are_cumulative(metered: BrokerProcess) -> None:
