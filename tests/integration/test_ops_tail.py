@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import queue
@@ -19,8 +20,9 @@ import pytest
 
 from fleetbus.client import Session, connect
 from fleetbus.errors import BadInput
-from fleetbus.ops.tail import Filter
-from fleetbus.ops.watch import Since, parse_since
+from fleetbus.ops.render import use_colour
+from fleetbus.ops.tail import Filter, format_line
+from fleetbus.ops.watch import Line, Since, parse_since
 from tests.support.brokerproc import BrokerProcess
 
 FLEETBUS = str(Path(sys.executable).parent / "fleetbus")
@@ -337,6 +339,31 @@ def test_unreachable_broker_exits_3(short_tmp: Path) -> None:
 
     assert done.returncode == 3
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_verbs_are_coloured_by_kind_on_a_terminal_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An expiry is red, a grant green; no colour off a terminal or with NO_COLOR."""
+    expired = Line({}, "git:0b5f63e", 0.0, "s", "bob", "expired", "expired", [], "")
+    granted = Line({}, "git:0b5f63e", 0.0, "s", "bob", "claimed", "claimed", [], "")
+    terminal = Terminal()
+    monkeypatch.delenv("NO_COLOR", raising=False)
+
+    assert "\x1b[31mexpired" in format_line(expired, colour=True)
+    assert "\x1b[32mclaimed" in format_line(granted, colour=True)
+    assert "\x1b" not in format_line(expired, colour=False)
+    assert use_colour(terminal)
+    assert not use_colour(io.StringIO())
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not use_colour(terminal)
 
 
 def test_kind_filter_refuses_an_unknown_name() -> None:
