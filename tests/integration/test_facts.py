@@ -167,11 +167,10 @@ async def test_a_dropped_live_event_is_recovered(
 
 
 async def test_a_lost_last_event_is_recovered_at_the_broker_heartbeat(
-    open_session: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+    open_session: Callable[..., Any],
 ) -> None:
     """An event lost with no later one on its topic is fetched once a broker
     heartbeat shows the repository moved on; finished catch-ups are let go."""
-    monkeypatch.setattr("fleetbus.client.facts._SETTLE_S", 3600.0)
     bob = await open_session("bob")
     carol = await open_session("carol")
     seen = Collector(carol)

@@ -42,10 +42,6 @@ T = TypeVar("T")
 FactCallback = Callable[[FactEvent], None]
 
 _PAGE = 10_000
-# A SUB subscription reaches the broker's PUB some time after it is made, and
-# nothing tells when; events published in between are lost silently. One more
-# catch-up query a little later closes that window.
-_SETTLE_S = 0.5
 _MAX_BUFFER = 100_000
 
 
@@ -267,7 +263,9 @@ class FactsMixin:
 
         A lost event shows as a broken ``prev`` at the next event of its
         topic; the last one of a topic has no next, so the broker's heartbeat,
-        which carries the repository's ``seq``, is what tells of it.
+        which carries the repository's ``seq``, is what tells of it. So are
+        events published while a new subscription was on its way to the
+        broker's PUB, which never arrive and which nothing else would tell.
         """
         state = self._facts_state
         seq = event.get("seq")
@@ -312,7 +310,6 @@ class FactsMixin:
             buffered, state.buffer = state.buffer, []
             for topic, event in buffered:
                 self._facts_live(state, topic, event)
-        self._spawn(self._facts_catch_up(state, at, delay=_SETTLE_S))
         return [event.fact for event in events if event.fact is not None]
 
     async def _facts_fetch(
@@ -344,12 +341,8 @@ class FactsMixin:
             last = page[-1]
             cursor = last.seq if since is None else last.changed
 
-    async def _facts_catch_up(
-        self, state: _FactsState, since: int, *, delay: float = 0.0
-    ) -> None:
+    async def _facts_catch_up(self, state: _FactsState, since: int) -> None:
         """Fetch what changed after ``since`` on the followed scopes."""
-        if delay:
-            await asyncio.sleep(delay)
         if self._closed or not state.feed.scopes:
             return
         async with state.lock:
