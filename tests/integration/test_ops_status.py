@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -96,3 +97,24 @@ def test_all_repos_lists_each_repository(
         data = orjson.loads(status(broker, short_tmp, "--all-repos", "--json"))
 
     assert len(data["repos"]) == 2
+
+
+def test_broker_is_found_through_the_config_file(
+    broker: BrokerProcess, short_tmp: Path
+) -> None:
+    """Without ``--url`` or ``$FLEETBUS_URL`` the file's ``url`` names the broker."""
+    file = short_tmp / "c.toml"
+    file.write_text(f'url = "{broker.url}"\n')
+    env = {k: v for k, v in os.environ.items() if k != "FLEETBUS_URL"}
+
+    done = subprocess.run(
+        [FLEETBUS, "status", "--json", "--all-repos"],
+        cwd=short_tmp,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "FLEETBUS_CONFIG": str(file)},
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout)["broker"]["epoch"] == broker.epoch
