@@ -550,6 +550,22 @@ class ClaimTable:
         out.reply = self._grant(sid, wanted, mode, intent, ttl_s, now, out)
         return out
 
+    def cancel(self, sid: str, rid: str, *, now: Now) -> Outcome:
+        """Withdraw the queued claim request ``rid`` of ``sid``.
+
+        Its final reply becomes a refusal and later waits it held back may be
+        granted. Reply: ``{"cancelled": bool}``, false when ``rid`` is not
+        waiting (already granted, ended, or never queued).
+        """
+        self.touch(sid, now)
+        waiter = self.view.waiter(sid, rid)
+        out = Outcome([], {"cancelled": waiter is not None})
+        if waiter is not None:
+            error = Refused("wait cancelled by its session")
+            self._end_wait(waiter, "cancelled", error.to_wire(), out)
+            self._drain(now, out)
+        return out
+
     def is_waiting(self, sid: str, rid: str) -> bool:
         """Whether request ``rid`` of ``sid`` is queued, so a retry must not be."""
         return self.view.waiter(sid, rid) is not None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from fleetbus.client import connect
 from tests.support.brokerproc import BrokerProcess
 
 FLEETBUS = str(Path(sys.executable).parent / "fleetbus")
@@ -135,6 +137,38 @@ def test_wait_timeout_exits_1(run: Run) -> None:
 
     assert done.returncode == 1
     one_line_error(done)
+
+
+def test_ctrl_c_withdraws_a_waiting_claim(
+    run: Run, broker: BrokerProcess, tmp_path: Path
+) -> None:
+    """SIGINT during --wait exits 130 and leaves nothing queued at the broker."""
+    assert run("claim", "@lock").returncode == 0
+    root = tmp_path / "work"
+    env = {**os.environ, "FLEETBUS_URL": broker.url, "FLEETBUS_SESSION": "bob"}
+    env.pop("CLAUDE_CODE_SESSION_ID", None)
+    with connect(broker.url, repo=str(root), session_id="watch") as watch:
+        events = watch.events()
+        waiter = subprocess.Popen(
+            [FLEETBUS, "claim", "@lock", "--wait", "60"],
+            cwd=root,
+            env=env,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            queued = next(e for e in events if e["type"] == "wait.queued")
+            waiter.send_signal(signal.SIGINT)
+            code = waiter.wait(timeout=30)
+            ended = next(e for e in events if e["type"] == "wait.ended")
+        finally:
+            waiter.kill()
+            waiter.wait()
+        snapshot = watch.snapshot()
+
+    assert queued["sid"] == "bob"
+    assert code == 130
+    assert (ended["sid"], ended["reason"]) == ("bob", "cancelled")
+    assert snapshot["waiters"] == []
 
 
 def test_help_lists_exit_codes() -> None:

@@ -118,6 +118,27 @@ async def test_wait_runs_out(join: Callable[..., Any]) -> None:
         await b.claim("@db", wait=0.2)
 
 
+async def test_cancelled_wait_is_withdrawn(join: Callable[..., Any]) -> None:
+    """A claim cancelled while queued leaves the queue; the next waiter gets it."""
+    holder, quitter, patient = await join("holder"), await join("q"), await join("p")
+    grant = await holder.claim("@db")
+    watch = holder.events()
+    quitting = asyncio.create_task(quitter.claim("@db", wait=DEADLINE_S))
+    await next_event(watch, lambda e: e["type"] == "wait.queued")
+    waiting = asyncio.create_task(patient.claim("@db", wait=DEADLINE_S))
+    await next_event(watch, lambda e: e["type"] == "wait.queued")
+
+    quitting.cancel()
+    ended = await next_event(watch, lambda e: e["type"] == "wait.ended")
+    await holder.release(grant=grant.id)
+    got = await asyncio.wait_for(waiting, DEADLINE_S)
+    await holder.wait_synced(got.fence)
+
+    assert (ended["sid"], ended["reason"]) == ("q", "cancelled")
+    assert quitting.cancelled()
+    assert [row.grant for row in holder.holders("@db")] == [got.id]
+
+
 async def test_deadlock_is_refused(join: Callable[..., Any]) -> None:
     """A wait that would close a cycle is refused, not left to hang."""
     a, b = await join("a"), await join("b")

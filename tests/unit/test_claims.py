@@ -880,3 +880,22 @@ def test_next_ttl_skips_released_and_renewed_rows(fleet: Fleet) -> None:
 
     fleet.table.renew("s1", ids=[fleet.table.view.claims()[0].id], ttl_s=50, now=T0)
     assert fleet.table.next_ttl() == at(50).wall
+
+
+def test_cancel_withdraws_a_wait_and_lets_the_next_one_through(fleet: Fleet) -> None:
+    """A cancelled wait is refused, and a later wait it held back is granted."""
+    fleet.claim("s1", "a", "b")
+    fleet.claim("s2", "a", "b", wait_s=30, rid="w2")
+    fleet.claim("s3", "b", wait_s=30, rid="w3")
+    fleet.release("s1", scopes=["a"])
+
+    out = fleet.record(fleet.table.cancel("s2", "w2", now=T0))
+    granted = fleet.release("s1", scopes=["b"])
+
+    assert out.reply == {"cancelled": True}
+    assert [(sid, rid, reply["ok"]) for sid, rid, reply in out.deferred] == [
+        ("s2", "w2", False)
+    ]
+    assert [(sid, rid) for sid, rid, _reply in granted.deferred] == [("s3", "w3")]
+    assert fleet.held() == ["b"]
+    assert fleet.table.cancel("s2", "w2", now=T0).reply == {"cancelled": False}

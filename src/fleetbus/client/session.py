@@ -278,7 +278,9 @@ class AsyncSession(FactsMixin):
         makes the claim outlive the session's lease; ``wait`` (seconds) queues
         behind the holders instead of being refused at once. Raises
         :class:`Conflict`, :class:`Deadlock`, :class:`TimedOut` (the wait ran
-        out) or :class:`BadScope`.
+        out) or :class:`BadScope`. Cancelling the call withdraws the request at
+        the broker: it leaves the queue, or a grant that came meanwhile is
+        released.
         """
         if not scopes:
             raise BadInput("a claim needs at least one scope")
@@ -291,7 +293,12 @@ class AsyncSession(FactsMixin):
             fields["ttl_ms"] = _millis(ttl, "ttl")
         if wait is not None:
             fields["wait_ms"] = _millis(wait, "wait")
-        reply = await self._request("claim", patience=wait, **fields)
+        rid = self._new_rid()
+        try:
+            reply = await self._request("claim", patience=wait, rid=rid, **fields)
+        except asyncio.CancelledError:
+            await self._withdraw(rid)
+            raise
         grant = Grant(
             id=str(reply["grant"]),
             fence=int(reply["fence"]),
@@ -299,6 +306,17 @@ class AsyncSession(FactsMixin):
         )
         await self._settle(grant.fence)
         return grant
+
+    async def _withdraw(self, rid: str) -> None:
+        """Withdraw, at the broker, a claim request that was cancelled here.
+
+        Its wait ends, or what it was granted meanwhile is released, so that
+        nothing stays held for a caller that gave up.
+        """
+        if self._closed:
+            return
+        with contextlib.suppress(FleetbusError):
+            await self._request("cancel", wait=rid, timeout=_LEAVE_TIMEOUT_S)
 
     @contextlib.asynccontextmanager
     async def claiming(
@@ -517,6 +535,7 @@ class AsyncSession(FactsMixin):
         *,
         patience: float | None = None,
         timeout: float | None = None,
+        rid: str | None = None,
         **fields: Any,
     ) -> dict[str, Any]:
         """Send one request and return its reply, retrying with the same rid.
@@ -526,8 +545,7 @@ class AsyncSession(FactsMixin):
         lease ran out) makes the session join again, then the request is sent
         once more.
         """
-        self._rid_count += 1
-        message = {"op": op, "rid": f"{self._rid_prefix}{self._rid_count}", **fields}
+        message = {"op": op, "rid": rid or self._new_rid(), **fields}
         if op not in _UNKEYED_OPS:
             message["sid"] = self.sid
         generation = self._generation
@@ -538,6 +556,10 @@ class AsyncSession(FactsMixin):
                 raise
         await self._lost(generation)
         return await self._exchange(message, patience, timeout)
+
+    def _new_rid(self) -> str:
+        self._rid_count += 1
+        return f"{self._rid_prefix}{self._rid_count}"
 
     async def _exchange(
         self,
@@ -768,7 +790,13 @@ class _LoopThread:
         self._thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            # Ctrl-C in the calling thread cancels the call on the loop too.
+            future.cancel()
+            raise
 
     def stop(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
