@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from fleetbus.facts import Fact
 
 KINDS = ("note", "warning", "decision", "gotcha", "question")
+MAX_LIMIT = 10_000
 _AGE = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -56,7 +58,10 @@ def register(add: AddCommand) -> None:
         help="also superseded, retracted and expired facts",
     )
     facts.add_argument(
-        "--limit", type=int, default=100, help="at most this many (default: 100)"
+        "--limit",
+        type=_limit,
+        default=100,
+        help="at most this many, the newest unless --since is a seq (default: 100)",
     )
     facts.set_defaults(run=run_facts)
 
@@ -72,6 +77,18 @@ def _positive_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"not a number of seconds > 0: {text!r}")
+    return value
+
+
+def _limit(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"not a number from 1 to {MAX_LIMIT}: {text!r}"
+        )
     return value
 
 
@@ -128,28 +145,44 @@ def run_fact(args: argparse.Namespace) -> int:
 
 
 def run_facts(args: argparse.Namespace) -> int:
-    """``fleetbus facts``: list retained facts."""
-    from fleetbus.cli import _print, _print_json, _run
+    """``fleetbus facts``: list retained facts, and say when more matched."""
+    from fleetbus.cli import PROG, _print, _print_json, _run
 
     async def body(session: AsyncSession) -> int:
         scopes = [args.scope] if args.scope else []
+        # One more than shown tells whether the listing was cut short.
         found = await session.facts(
             *scopes,
             kind=args.kind,
             author=args.author,
             since=args.since,
             search=args.search,
-            limit=args.limit,
+            limit=min(args.limit + 1, MAX_LIMIT),
             include_history=args.history,
         )
+        more = len(found) > args.limit
+        if more:
+            # Since a seq the broker keeps the first that match, else the newest.
+            found = found[: args.limit] if isinstance(args.since, int) else found[1:]
         if args.json:
             _print_json(
-                {"repo": session.repo.id, "facts": [f.to_wire() for f in found]}
+                {
+                    "repo": session.repo.id,
+                    "facts": [f.to_wire() for f in found],
+                    "more": more,
+                }
             )
-        elif not found:
+            return 0
+        if not found:
             _print("no facts")
-        for fact in [] if args.json else found:
+        for fact in found:
             _print(describe(fact))
+        if more:
+            print(
+                f"{PROG}: more than {args.limit} facts match; "
+                "narrow the query or raise --limit",
+                file=sys.stderr,
+            )
         return 0
 
     return _run(args, body, join=False, replica=False)
@@ -190,16 +223,10 @@ async def _refuse_as_bad_input(request: Any) -> Any:
 
 def describe(fact: Fact) -> str:
     """One line for a fact: id, kind, topics, author, age and text."""
+    from fleetbus.cli import _duration
+
     topics = ", ".join(topic.text for topic in fact.topics)
     state = "" if fact.live else f" [{fact.state}]"
-    age = _age(time.time() - fact.at)
+    age = _duration(time.time() - fact.at)
     text = " ".join(fact.body.split())
     return f"{fact.id}  {fact.kind}{state}  {topics}  {fact.name}  {age} ago  {text}"
-
-
-def _age(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{seconds:.0f}s"

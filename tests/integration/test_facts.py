@@ -458,3 +458,38 @@ async def test_cli_fact_facts_retract_and_exit_codes(
         run_cli, "facts", "--url", "ipc:///nonexistent/fb.sock", "--timeout", "0.3"
     )
     assert code == 3
+
+
+async def test_cli_facts_says_when_more_match_than_the_limit(
+    broker: BrokerProcess, repo: Path
+) -> None:
+    """Past ``--limit`` the listing keeps the newest (the first since a seq)
+    and says that more matched: ``more`` in JSON, a line on stderr."""
+    common = ["--url", broker.url, "--repo", str(repo), "--session", "cli-t"]
+
+    def cli(*argv: str) -> tuple[int, str, str]:
+        return run_cli(argv[0], *common, *argv[1:])
+
+    ids = []
+    for n in range(3):
+        _, out, _ = await asyncio.to_thread(cli, "fact", "src/", f"n{n}", "--json")
+        ids.append(orjson.loads(out)["fact"]["id"])
+
+    _, out, _ = await asyncio.to_thread(cli, "facts", "--limit", "2", "--json")
+    newest = orjson.loads(out)
+    _, out, _ = await asyncio.to_thread(
+        cli, "facts", "--limit", "2", "--since", "0", "--json"
+    )
+    first = orjson.loads(out)
+    _, out, err = await asyncio.to_thread(cli, "facts", "--limit", "2")
+    _, _, quiet = await asyncio.to_thread(cli, "facts", "--limit", "3")
+    bad, _, _ = await asyncio.to_thread(cli, "facts", "--limit", "0")
+
+    assert [f["id"] for f in newest["facts"]] == ids[1:]
+    assert newest["more"] is True
+    assert [f["id"] for f in first["facts"]] == ids[:2]
+    assert first["more"] is True
+    assert ids[0] not in out
+    assert "more than 2 facts match" in err
+    assert quiet == ""
+    assert bad == 2
