@@ -19,7 +19,7 @@ from tests.support.brokerproc import BrokerProcess
 FLEETBUS = str(Path(sys.executable).parent / "fleetbus")
 DEADLINE_S = 15.0
 
-pytestmark = pytest.mark.skipif(
+needs_tmux = pytest.mark.skipif(
     shutil.which("tmux") is None,
     reason="tmux is not installed (apt-get install -y tmux) and drives the board",
 )
@@ -83,6 +83,7 @@ def _wait_in_background(session: Session, scope: str) -> threading.Thread:
     return thread
 
 
+@needs_tmux
 def test_board_shows_holders_waiters_facts_and_quits_on_q(
     broker: BrokerProcess, short_tmp: Path, terminal: Terminal
 ) -> None:
@@ -121,3 +122,21 @@ def test_board_shows_holders_waiters_facts_and_quits_on_q(
     assert rows[0].startswith("  alice  src/auth/"), "columns keep their spacing"
     assert rows[0].index("rework login") == rows[1].index("update guides")
     assert not terminal.alive(), "q ends the board"
+
+
+def test_off_a_terminal_top_says_so_and_exits_2(broker: BrokerProcess) -> None:
+    """Piped, the board is not drawn: one line on stderr, nothing on stdout."""
+    done = subprocess.run(
+        [FLEETBUS, "top", "--url", broker.url],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.strip().splitlines() == [
+        "fleetbus: top draws on a terminal; elsewhere use fleetbus status or "
+        "fleetbus tail"
+    ]

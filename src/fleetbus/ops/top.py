@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import curses
+import sys
 import time
 from collections import deque
 from typing import Any
 
+from fleetbus.errors import BadInput
 from fleetbus.ops import render
 from fleetbus.ops.link import Link, resolve_url
 from fleetbus.ops.tail import format_line, target_repo
@@ -160,6 +162,10 @@ def _loop(screen: Any, board: Board, interval: float) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Show the board until ``q``; returns the exit code."""
+    if not (sys.stdin.isatty() and sys.stdout.isatty()):
+        raise BadInput(
+            "top draws on a terminal; elsewhere use fleetbus status or fleetbus tail"
+        )
     repo, _info = target_repo(args)
     with Link(resolve_url(args.url), timeout=args.timeout) as link:
         broker = link.request("status")
@@ -167,5 +173,8 @@ def run(args: argparse.Namespace) -> int:
         board = Board(watcher, {**broker, "url": link.url})
         recent = Since(wall=time.time() - 3600)
         board.feed(watcher.start(recent), time.time())
-        curses.wrapper(_loop, board, args.interval)
+        try:
+            curses.wrapper(_loop, board, args.interval)
+        except curses.error as exc:
+            raise BadInput(f"top cannot draw on this terminal: {exc}") from exc
     return 0
