@@ -222,6 +222,25 @@ async def test_shown_once_across_reconnects(
     assert await again.unseen("src/") == []
 
 
+async def test_unseen_covers_followed_scopes_as_well_as_claims(
+    open_session: Callable[..., Any],
+) -> None:
+    """What is new for a session is one call over all the scopes it touches:
+    those it claims and those it subscribed to."""
+    bob = await open_session("bob")
+    alice = await open_session("alice")
+    await alice.claim("src/auth/")
+    await alice.subscribe("docs/")
+    on_claim = await bob.publish("src/auth/x.py", text="claimed")
+    on_followed = await bob.publish("docs/api.md", text="followed")
+    await bob.publish("lib/", text="neither")
+
+    first = await alice.unseen()
+
+    assert [f.id for f in first] == [on_claim.id, on_followed.id]
+    assert await alice.unseen() == []
+
+
 async def test_supersede_retract_and_expiry_are_events(
     open_session: Callable[..., Any],
 ) -> None:

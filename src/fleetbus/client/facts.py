@@ -181,8 +181,8 @@ class FactsMixin:
     async def unseen(
         self, *scopes: str, mark: bool = True, limit: int = 100
     ) -> list[Fact]:
-        """Live facts on ``scopes`` (default: this session's claims) not yet
-        shown to this session id, leaving out its own.
+        """Live facts on ``scopes`` (default: the scopes this session claims
+        and follows) not yet shown to this session id, leaving out its own.
 
         With ``mark``, the broker records them as shown in the same step, so
         they are returned once, across reconnects and restarts.
@@ -190,6 +190,10 @@ class FactsMixin:
         fields: dict[str, Any] = {"mark": mark, "limit": limit}
         if scopes:
             fields["scopes"] = [resolve_scope(s, self.repo).text for s in scopes]
+        elif self.followed:
+            held = [row.scope.text for row in self.claims(mine=True)]
+            followed = [scope.text for scope in self.followed]
+            fields["scopes"] = list(dict.fromkeys(held + followed))
         reply = await self._request("unseen", **fields)
         return [Fact.from_wire(data) for data in reply["facts"]]
 
