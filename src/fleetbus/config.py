@@ -73,12 +73,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("grace_ms", "int", None, "reconnect time after a restart", 0, 86_400_000),
     Setting("heartbeat_ms", "int", 1000, "claims-stream heartbeat period", 50, 60_000),
     Setting("max_batch", "int", 256, "requests applied per commit", 1, 65_536),
+    Setting("pub_hwm", "int", 100_000, "events queued per subscriber", 10, 10**8),
     Setting("fsync", "bool", False, "sync the store to disk at every commit"),
     Setting("metrics", "hostport", None, "serve Prometheus metrics on HOST:PORT"),
     Setting("facts_max", "int", 100_000, "facts retained per repository", 1, 10**8),
     Setting(
         "facts_max_age_s", "int", 30 * 86_400, "longest a fact is retained", 1, 10**10
     ),
+    Setting("rate_per_s", "int", 2000, "requests a second per peer (0: any)", 0, 10**7),
+    Setting("rate_burst", "int", 4000, "burst of requests per peer", 1, 10**8),
+    Setting("curve_secret", "path", None, "the broker's CURVE secret key file"),
+    Setting("curve_allow", "path", None, "directory of admitted client keys"),
+    Setting("curve_operators", "path", None, "directory of operator keys"),
+    Setting("local_operator", "bool", True, "the local user may force-release"),
+    Setting("cross_repo", "bool", False, "any credential may read every repo"),
     Setting("log_level", "level", "info", "debug, info, warning or error"),
     Setting("log_json", "bool", None, "JSON log lines (default: off a terminal)"),
 )

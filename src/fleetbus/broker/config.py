@@ -14,6 +14,12 @@ class BrokerConfig:
     after a restart; ``None`` means one lease. ``metrics`` is the ``HOST:PORT``
     of the Prometheus endpoint, ``None`` for none. ``facts_max`` and
     ``facts_max_age_s`` bound the facts retained per repository.
+    ``rate_per_s`` and ``rate_burst`` are each peer's token bucket (0: no
+    limit). ``curve_secret`` (the broker's secret key file) with
+    ``curve_allow`` (a directory of admitted client public keys) turns on
+    CURVE; keys in ``curve_operators`` may force-release, as may the local
+    user when ``local_operator``. ``cross_repo`` lets any admitted credential
+    read every repository.
     """
 
     url: str
@@ -29,6 +35,14 @@ class BrokerConfig:
     metrics: str | None = None
     facts_max: int = 100_000
     facts_max_age_s: float = 30 * 86_400.0
+    rate_per_s: float = 2000.0
+    pub_hwm: int = 100_000
+    rate_burst: int = 4000
+    curve_secret: Path | None = None
+    curve_allow: Path | None = None
+    curve_operators: Path | None = None
+    local_operator: bool = True
+    cross_repo: bool = False
 
     @property
     def grace_s(self) -> float:

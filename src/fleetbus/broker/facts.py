@@ -358,6 +358,7 @@ class FactService:
         broker = self.broker
         if message.get("repo") is not None:
             repo = _string(message, "repo", 512)
+            broker.check_repo(message, repo)
         else:
             repo = broker._session(message)[1].repo
         scopes = message.get("scopes")

@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--heartbeat-ms", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--max-batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--pub-hwm", type=int, help=argparse.SUPPRESS)
     parser.add_argument(
         "--fsync",
         action="store_const",
@@ -67,6 +68,33 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="longest a fact is retained, in seconds (30 days)",
     )
+    parser.add_argument(
+        "--rate-per-s", type=int, help="requests a second per peer (2000; 0: any)"
+    )
+    parser.add_argument("--rate-burst", type=int, help="burst per peer (4000)")
+    parser.add_argument(
+        "--curve-secret",
+        type=Path,
+        help="the broker's CURVE secret key file (turns on CURVE)",
+    )
+    parser.add_argument(
+        "--curve-allow", type=Path, help="directory of admitted client public keys"
+    )
+    parser.add_argument(
+        "--curve-operators",
+        type=Path,
+        help="directory of operator public keys (may force-release)",
+    )
+    parser.add_argument(
+        "--local-operator",
+        action=argparse.BooleanOptionalAction,
+        help="the local user may force-release (default: yes)",
+    )
+    parser.add_argument(
+        "--cross-repo",
+        action=argparse.BooleanOptionalAction,
+        help="any admitted credential may read every repository (default: no)",
+    )
     parser.add_argument("--log-level", help="debug, info, warning or error")
     parser.add_argument(
         "--log-json",
@@ -85,6 +113,8 @@ def resolve(argv: list[str] | None = None) -> BrokerConfig:
     file = args.pop("config")
     settings = config.load(args, config=file)
     data = settings["data"]
+    if (settings["curve_secret"] is None) != (settings["curve_allow"] is None):
+        raise config.ConfigError("CURVE needs both --curve-secret and --curve-allow")
     return BrokerConfig(
         url=paths.resolve_url(settings["url"]),
         data_dir=data if data is not None else paths.data_dir(),
@@ -99,6 +129,14 @@ def resolve(argv: list[str] | None = None) -> BrokerConfig:
         metrics=settings["metrics"],
         facts_max=settings["facts_max"],
         facts_max_age_s=settings["facts_max_age_s"],
+        rate_per_s=settings["rate_per_s"],
+        pub_hwm=settings["pub_hwm"],
+        rate_burst=settings["rate_burst"],
+        curve_secret=settings["curve_secret"],
+        curve_allow=settings["curve_allow"],
+        curve_operators=settings["curve_operators"],
+        local_operator=settings["local_operator"],
+        cross_repo=settings["cross_repo"],
     )
 
 

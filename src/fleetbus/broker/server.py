@@ -32,10 +32,18 @@ from fleetbus.errors import (
     BadInput,
     BrokerUnavailable,
     FleetbusError,
+    LimitExceeded,
+    NotAuthorised,
     ProtocolError,
     UnknownSession,
 )
 from fleetbus.scope import Scope, parse_scope
+from fleetbus.security import (
+    LOCAL_CREDENTIAL,
+    BrokerSecurity,
+    CurveSettings,
+    RateLimiter,
+)
 from fleetbus.sequence import CLAIMS_STREAM, Sequence
 
 Handler = Callable[[bytes, str, dict[str, Any]], None]
@@ -44,6 +52,7 @@ MAX_NAME_LEN = 128
 MAX_REPO_LEN = 512
 REQUEST_MEMORY_S = 600.0
 FAILPOINTS_ENV = "FLEETBUS_FAILPOINTS"
+TEST_HOOKS_ENV = "FLEETBUS_TEST_HOOKS"
 
 # Log names of claims-stream events; released claims are "expired" when the
 # broker, not the holder, ended them.
@@ -80,6 +89,9 @@ class Broker:
         self._dirty: set[str] = set()
         self._failpoints = _parse_failpoints(os.environ.get(FAILPOINTS_ENV, ""))
         self._stopping = False
+        self.security = _security(config)
+        self.rates = RateLimiter(config.rate_per_s, config.rate_burst)
+        self._credential = LOCAL_CREDENTIAL
         self._handlers: dict[str, Handler] = {
             "ping": self._on_ping,
             "hello": self._on_hello,
@@ -89,9 +101,13 @@ class Broker:
             "claim": self._on_claim,
             "release": self._on_release,
             "renew": self._on_renew,
-            "cancel": self._on_cancel,
             "leave": self._on_leave,
+            "force_release": self._on_force_release,
         }
+        if os.environ.get(TEST_HOOKS_ENV) == "1":
+            self._handlers["test.clock"] = self._on_test_clock
+            self._handlers["test.failpoint"] = self._on_test_failpoint
+        self._arming: set[str] = set()
         self.facts = FactService(self)
         self.ctx = zmq.Context()
         self.router = self.ctx.socket(zmq.ROUTER)
@@ -144,6 +160,7 @@ class Broker:
         since = now.wall - REQUEST_MEMORY_S
         for key, reply in self.store.load_requests(since).items():
             self._replies[key] = (now.wall, reply)
+        self.security.load_owners(self.store.db)
 
     def _bind(self) -> None:
         for sock in (self.router, self.pub):
@@ -151,7 +168,8 @@ class Broker:
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
         # Past this size libzmq drops the connection: too large to even answer.
         self.router.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES * 16)
-        self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        self.pub.setsockopt(zmq.SNDHWM, self.config.pub_hwm)
+        self.security.secure(self.ctx, [self.router, self.pub])
         old_umask = os.umask(0o077)
         try:
             _prepare_ipc(self.config.url)
@@ -221,6 +239,7 @@ class Broker:
         self.pub.close(linger=0)
         for path in self._ipc_files:
             path.unlink(missing_ok=True)
+        self.security.close()
         self.ctx.term()
         if self.metrics_server is not None:
             self.metrics_server.close()
@@ -286,7 +305,7 @@ class Broker:
             drained = 0
             for _ in range(self.config.max_batch):
                 try:
-                    frames = self.router.recv_multipart(zmq.NOBLOCK)
+                    frames = self._receive()
                 except zmq.Again:
                     break
                 drained += 1
@@ -335,6 +354,8 @@ class Broker:
             self.pub.send_multipart([topic, wire.encode(event)])
         self.metrics.sent(self._events)
         self._events.clear()
+        self._failpoints |= self._arming
+        self._arming.clear()
 
     def _store_failed(self, exc: Exception) -> None:
         """Undo the batch: roll back, reload from the store, answer with errors."""
@@ -358,7 +379,18 @@ class Broker:
         self._waiting.clear()
         self._restore()
 
+    def _receive(self) -> list[bytes]:
+        """One request's frames; notes the sender's credential."""
+        if not self.security.uses_curve:
+            return self.router.recv_multipart(zmq.NOBLOCK)
+        parts = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+        self._credential = self.security.credential(parts[-1])
+        return [part.bytes for part in parts]
+
     def _heartbeats(self) -> None:
+        self.rates.prune(self.clock.monotonic())
+        if self.security.reload():
+            self.log.info("security.reloaded", operators=len(self.security.operators))
         for repo, table in self.tables.items():
             if not table.view.sessions:
                 continue
@@ -392,6 +424,15 @@ class Broker:
             rid = wire.request_id(message)
         except FleetbusError as exc:
             self._reply(ident, None, error=exc)
+            return
+        if not self.rates.admit(ident, time.monotonic()):
+            self._reply(
+                ident,
+                rid,
+                error=LimitExceeded(
+                    "too many requests from this session; slow down", limit="rate"
+                ),
+            )
             return
         op = message.get("op")
         handler = self._handlers.get(op) if isinstance(op, str) else None
@@ -501,6 +542,7 @@ class Broker:
 
     def _session(self, message: dict[str, Any]) -> tuple[str, ClaimTable]:
         sid = _text(message, "sid", MAX_NAME_LEN)
+        self.security.check(sid, self._credential)
         repo = self.session_repo.get(sid)
         if repo is None:
             raise UnknownSession(
@@ -528,6 +570,7 @@ class Broker:
         leased = message.get("lease", True)
         if not isinstance(leased, bool):
             raise BadInput("'lease' must be true or false", field="lease")
+        self.security.check(sid, self._credential)
         known = self.session_repo.get(sid)
         if known is not None and known != repo:
             raise BadInput(
@@ -542,6 +585,8 @@ class Broker:
             lease_s=self.config.lease_ms / 1000,
             now=self._now(),
         )
+        self.store_begin()
+        self.security.bind(sid, self._credential)
         self._absorb(repo, outcome)
         sequence = self.sequences[repo]
         self._reply(
@@ -577,6 +622,7 @@ class Broker:
 
     def _on_snapshot(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
         repo = _text(message, "repo", MAX_REPO_LEN)
+        self.check_repo(message, repo)
         self.metrics.snapshots += 1
         table = self.tables.get(repo)
         sequence = self.sequences.get(repo) or Sequence()
@@ -601,7 +647,10 @@ class Broker:
                 "seq": self.sequences[repo].seq,
             }
             for repo, table in self.tables.items()
+            if self.may_read(repo)
         }
+        if message.get("repo") is not None:
+            self.check_repo(message, _text(message, "repo", MAX_REPO_LEN))
         self._reply(
             ident,
             rid,
@@ -700,23 +749,6 @@ class Broker:
         self._absorb(table.repo, outcome)
         self._reply(ident, rid, outcome.reply, remember=(sid, rid))
 
-    def _on_cancel(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
-        """Withdraw a claim request: end its wait, or release what it was granted."""
-        sid, table = self._session(message)
-        if self._replay(ident, sid, rid):
-            return
-        target = _text(message, "wait", wire.MAX_ID_LEN)
-        now = self._now()
-        outcome = table.cancel(sid, target, now=now)
-        cancelled = bool((outcome.reply or {}).get("cancelled"))
-        grant = None if cancelled else _granted(self._replies.get((sid, target)))
-        if grant is not None:
-            outcome = table.release(sid, grant=grant, now=now)
-        self._absorb(table.repo, outcome)
-        released = (outcome.reply or {}).get("released", [])
-        reply = {"cancelled": cancelled, "released": released}
-        self._reply(ident, rid, reply, remember=(sid, rid))
-
     def _on_leave(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
         sid, table = self._session(message)
         if self._replay(ident, sid, rid):
@@ -724,6 +756,102 @@ class Broker:
         outcome = table.leave(sid, self._now())
         self._absorb(table.repo, outcome)
         self._reply(ident, rid, outcome.reply or {}, remember=(sid, rid))
+
+    def _on_force_release(
+        self, ident: bytes, rid: str, message: dict[str, Any]
+    ) -> None:
+        """Release any session's claims, for an operator; logged and published."""
+        if not self.security.is_operator(self._credential):
+            raise NotAuthorised("force_release is for operators only")
+        repo = _text(message, "repo", MAX_REPO_LEN)
+        by = _text(message, "by", MAX_NAME_LEN, default=self._credential)
+        key = (f"operator:{self._credential}", rid)
+        if self._replay(ident, key[0], rid):
+            return
+        table = self.tables.get(repo)
+        if table is None:
+            raise BadInput(f"no repository {repo!r} at this broker", field="repo")
+        scopes = _scopes(message) if message.get("scopes") is not None else None
+        outcome = table.force_release(
+            scopes=scopes, ids=_optional_ids(message), by=by, now=self._now()
+        )
+        self.log.warning(
+            "claim.force_released",
+            repo=repo,
+            by=by,
+            credential=self._credential,
+            ids=(outcome.reply or {}).get("released", []),
+        )
+        self._absorb(repo, outcome)
+        self._reply(ident, rid, outcome.reply, remember=key)
+
+    def _on_test_clock(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
+        """Shift the broker's clocks (fault tests only; needs the test-hooks env)."""
+        if not isinstance(self.clock, OffsetClock):
+            raise BadInput("this broker's clock cannot be shifted")
+        wall = _seconds(message, "wall_ms") or 0.0
+        mono = _seconds(message, "monotonic_ms") or 0.0
+        if message.get("back") is True:
+            wall = -wall
+        self.clock.wall_offset += wall
+        self.clock.monotonic_offset += mono
+        self.log.warning("test.clock_shifted", wall=wall, monotonic=mono)
+        self._reply(
+            ident,
+            rid,
+            {
+                "wall_offset": self.clock.wall_offset,
+                "monotonic_offset": self.clock.monotonic_offset,
+            },
+        )
+
+    def _on_test_failpoint(
+        self, ident: bytes, rid: str, message: dict[str, Any]
+    ) -> None:
+        """Arm a failpoint from the next commit on (fault tests only)."""
+        point = message.get("point")
+        if point not in ("before_commit", "after_commit", "after_reply"):
+            raise BadInput("unknown failpoint", field="point")
+        self._arming.add(point)
+        self._reply(ident, rid, {"armed": point})
+
+    # -- access -----------------------------------------------------------------
+
+    def may_read(self, repo: str) -> bool:
+        """Whether the current request's credential may read ``repo``."""
+        credential = self._credential
+        mine = {
+            self.session_repo[sid]
+            for sid, owner in self.security.owners.items()
+            if owner == credential and sid in self.session_repo
+        }
+        return self.security.may_read(credential, repo, mine)
+
+    def check_repo(self, message: dict[str, Any], repo: str) -> None:
+        """Refuse a request that reads ``repo`` from outside it.
+
+        A request naming a session stays in that session's repository; one
+        without may read only where its credential may (see
+        :meth:`BrokerSecurity.may_read`).
+        """
+        sid = message.get("sid")
+        home = self.session_repo.get(sid) if isinstance(sid, str) else None
+        if home is not None and not self.security.cross_repo:
+            self.security.check(str(sid), self._credential)
+            if home != repo:
+                raise NotAuthorised(
+                    "a session may not read another repository", repo=repo
+                )
+            return
+        if not self.may_read(repo):
+            raise NotAuthorised(
+                "this credential may not read that repository", repo=repo
+            )
+
+    def store_begin(self) -> None:
+        """Open the batch's transaction, for writes outside the claim tables."""
+        assert self.store is not None
+        self.store.begin()
 
     # -- helpers --------------------------------------------------------------
 
@@ -737,15 +865,6 @@ class Broker:
 
 
 _LOGGED_KEYS = {"sid", "seq", "grant", "fence", "reason", "ids", "repo"}
-
-
-def _granted(known: tuple[float, bytes] | None) -> str | None:
-    """The grant id in a remembered claim reply, if it granted one."""
-    if known is None:
-        return None
-    reply = wire.decode(known[1], limit=wire.MAX_BROKER_MESSAGE_BYTES)
-    grant = reply.get("grant") if reply.get("ok") else None
-    return grant if isinstance(grant, str) else None
 
 
 def _empty_snapshot() -> dict[str, Any]:
@@ -800,6 +919,19 @@ def _seconds(message: dict[str, Any], key: str) -> float | None:
     if not 0 <= value <= 366 * 86_400_000:
         raise BadInput(f"'{key}' is out of range", field=key)
     return float(value) / 1000
+
+
+def _security(config: BrokerConfig) -> BrokerSecurity:
+    curve = None
+    if config.curve_secret is not None or config.curve_allow is not None:
+        if config.curve_secret is None or config.curve_allow is None:
+            raise BadInput("CURVE needs both --curve-secret and --curve-allow")
+        curve = CurveSettings(
+            config.curve_secret, config.curve_allow, config.curve_operators
+        )
+    return BrokerSecurity(
+        curve, local_operator=config.local_operator, cross_repo=config.cross_repo
+    )
 
 
 def _parse_failpoints(text: str) -> set[str]:
