@@ -123,15 +123,17 @@ async def test_no_fact_lost_between_snapshot_and_live_stream(
     carol = await open_session("carol")
     seen = Collector(carol)
     published: list[str] = []
+    halfway = asyncio.Event()
 
     async def publish_many() -> None:
         for n in range(200):
             fact = await bob.publish(f"src/m{n % 7}/f.py", text=f"fact {n}")
             published.append(fact.id)
+            if n == 50:
+                halfway.set()
 
     task = asyncio.create_task(publish_many())
-    while len(published) < 50:
-        await asyncio.sleep(0)
+    await halfway.wait()
     await carol.subscribe("src/")
     await task
     await seen.until(lambda events: len({e.id for e in events}) >= 200)
