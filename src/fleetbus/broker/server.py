@@ -101,6 +101,7 @@ class Broker:
             "claim": self._on_claim,
             "release": self._on_release,
             "renew": self._on_renew,
+            "cancel": self._on_cancel,
             "leave": self._on_leave,
             "force_release": self._on_force_release,
         }
@@ -749,6 +750,23 @@ class Broker:
         self._absorb(table.repo, outcome)
         self._reply(ident, rid, outcome.reply, remember=(sid, rid))
 
+    def _on_cancel(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
+        """Withdraw a claim request: end its wait, or release what it was granted."""
+        sid, table = self._session(message)
+        if self._replay(ident, sid, rid):
+            return
+        target = _text(message, "wait", wire.MAX_ID_LEN)
+        now = self._now()
+        outcome = table.cancel(sid, target, now=now)
+        cancelled = bool((outcome.reply or {}).get("cancelled"))
+        grant = None if cancelled else _granted(self._replies.get((sid, target)))
+        if grant is not None:
+            outcome = table.release(sid, grant=grant, now=now)
+        self._absorb(table.repo, outcome)
+        released = (outcome.reply or {}).get("released", [])
+        reply = {"cancelled": cancelled, "released": released}
+        self._reply(ident, rid, reply, remember=(sid, rid))
+
     def _on_leave(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
         sid, table = self._session(message)
         if self._replay(ident, sid, rid):
@@ -865,6 +883,15 @@ class Broker:
 
 
 _LOGGED_KEYS = {"sid", "seq", "grant", "fence", "reason", "ids", "repo"}
+
+
+def _granted(known: tuple[float, bytes] | None) -> str | None:
+    """The grant id in a remembered claim reply, if it granted one."""
+    if known is None:
+        return None
+    reply = wire.decode(known[1], limit=wire.MAX_BROKER_MESSAGE_BYTES)
+    grant = reply.get("grant") if reply.get("ok") else None
+    return grant if isinstance(grant, str) else None
 
 
 def _empty_snapshot() -> dict[str, Any]:
