@@ -1,0 +1,283 @@
+"""Checkers of fleetbus's promises over recorded histories, events and stores.
+
+Each checker raises :class:`Violation` naming the first broken promise, with
+enough context to turn the run into a regression test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleetbus.claims import modes_conflict
+from fleetbus.scope import overlaps, parse_scope
+from tests.faults.harness import Observed
+from tests.faults.history import Op
+
+# After a restart, the first events may link past what was seen: the events
+# of a batch committed just before a crash are never published.
+RESTART_SLACK_S = 5.0
+
+
+class Violation(AssertionError):
+    """A promise was broken."""
+
+
+@dataclass
+class StreamReport:
+    """What the claims-stream replay found."""
+
+    events: int = 0
+    grants: int = 0
+    gaps: int = 0
+    snapshots: int = 0
+    max_fence: int = 0
+    released: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
+
+
+@dataclass
+class _Row:
+    sid: str
+    scope: str
+    mode: str
+
+
+def check_claims_stream(
+    observed: Observed,
+    restarts: Iterable[tuple[float, float]] = (),
+    *,
+    gaps_allowed: bool = False,
+) -> StreamReport:
+    """Replay the observed claims stream and check it.
+
+    - events follow each other without gaps or duplicates, except across a
+      broker restart (or anywhere when ``gaps_allowed``: a slow reader);
+    - no two overlapping exclusive claims of different sessions are held at
+      once, in any snapshot or after any event;
+    - every grant's fence is its ``seq`` and fences strictly increase.
+    """
+    windows = [(down, up + RESTART_SLACK_S) for down, up in restarts]
+    report = StreamReport()
+    rows: dict[str, _Row] = {}
+    last = -1
+    timeline: list[tuple[float, int, Any]] = [
+        (t, 0, snap) for t, snap in observed.snapshots
+    ]
+    timeline.extend(
+        (t, 1, event) for t, topic, event in observed.events if topic[:1] == b"c"
+    )
+    timeline.sort(key=lambda item: (item[0], item[1]))
+    for when, kind, item in timeline:
+        if kind == 0:
+            report.snapshots += 1
+            rows = {
+                row["id"]: _Row(row["sid"], row["scope"], row["mode"])
+                for row in item["claims"]
+            }
+            _check_exclusive(rows, f"snapshot at head {item['head']}")
+            last = int(item["head"])
+            continue
+        event = item
+        if event["seq"] <= last:
+            continue
+        if event["prev"] != last:
+            report.gaps += 1
+            if not gaps_allowed and not any(a <= when <= b for a, b in windows):
+                raise Violation(
+                    f"gap in the claims stream outside a restart: applied {last}, "
+                    f"then an event with prev {event['prev']} (seq {event['seq']})"
+                )
+            continue
+        report.events += 1
+        _apply(event, rows, report, when)
+        last = int(event["seq"])
+    return report
+
+
+def _apply(
+    event: dict[str, Any], rows: dict[str, _Row], report: StreamReport, when: float
+) -> None:
+    kind = event["type"]
+    if kind == "claim.granted":
+        report.grants += 1
+        if event["fence"] != event["seq"]:
+            raise Violation(f"fence {event['fence']} is not seq {event['seq']}")
+        if event["fence"] <= report.max_fence:
+            raise Violation(
+                f"fence {event['fence']} after fence {report.max_fence}: not increasing"
+            )
+        report.max_fence = event["fence"]
+        for row in event["claims"]:
+            rows[row["id"]] = _Row(row["sid"], row["scope"], row["mode"])
+        _check_exclusive(rows, f"grant {event['grant']} at seq {event['seq']}")
+    elif kind == "claim.released":
+        for cid in event["ids"]:
+            held = rows.pop(cid, None)
+            if held is not None:
+                report.released.setdefault(held.sid, []).append((when, event["reason"]))
+
+
+def _check_exclusive(rows: dict[str, _Row], where: str) -> None:
+    items = list(rows.items())
+    for i, (id_a, a) in enumerate(items):
+        scope_a = parse_scope(a.scope)
+        for id_b, b in items[i + 1 :]:
+            if a.sid == b.sid or not modes_conflict(a.mode, b.mode):  # type: ignore[arg-type]
+                continue
+            if overlaps(scope_a, parse_scope(b.scope)):
+                raise Violation(
+                    f"{where}: {id_a} ({a.sid} {a.mode} {a.scope}) and "
+                    f"{id_b} ({b.sid} {b.mode} {b.scope}) held at once"
+                )
+
+
+def check_fact_streams(
+    observed: Observed, restarts: Iterable[tuple[float, float]] = ()
+) -> int:
+    """Every facts topic's events are linked by ``prev``, without duplicates.
+
+    The first event seen on a topic may link to anything earlier; gaps are
+    allowed only across a restart. Returns the number of events checked.
+    """
+    windows = [(down, up + RESTART_SLACK_S) for down, up in restarts]
+    last: dict[bytes, int] = {}
+    count = 0
+    for when, topic, event in observed.events:
+        if topic[:1] != b"f":
+            continue
+        count += 1
+        seen = last.get(topic)
+        if seen is not None:
+            if event["seq"] <= seen:
+                raise Violation(f"duplicate or reordered fact event {event['seq']}")
+            if event["prev"] != seen and not any(a <= when <= b for a, b in windows):
+                raise Violation(
+                    f"gap on fact topic {topic!r}: last {seen}, prev {event['prev']}"
+                )
+        last[topic] = int(event["seq"])
+    return count
+
+
+def check_fences(ops: Iterable[Op]) -> int:
+    """Fences of acknowledged claims are unique per grant and follow real time.
+
+    If claim A was acknowledged before claim B was invoked, A's fence is lower.
+    Returns the number of grants checked.
+    """
+    claims = [op for op in ops if op.op == "claim" and op.ok]
+    by_grant: dict[str, int] = {}
+    by_fence: dict[int, str] = {}
+    for op in claims:
+        grant, fence = op.value["grant"], op.value["fence"]
+        if by_grant.setdefault(grant, fence) != fence:
+            raise Violation(f"grant {grant} came with two fences")
+        if by_fence.setdefault(fence, grant) != grant:
+            raise Violation(f"fence {fence} given to two grants")
+    ended = sorted(claims, key=lambda op: op.end)
+    highest = 0
+    j = 0
+    for op in sorted(claims, key=lambda op: op.invoked):
+        while j < len(ended) and ended[j].end < op.invoked:
+            highest = max(highest, ended[j].value["fence"])
+            j += 1
+        if op.value["fence"] <= highest:
+            raise Violation(
+                f"{op.process} got fence {op.value['fence']} after fence {highest} "
+                "was acknowledged"
+            )
+    return len(by_grant)
+
+
+def check_durable(ops: Iterable[Op], store: dict[str, Any], killed: float) -> int:
+    """Everything acknowledged before ``killed`` is in the store.
+
+    A claim counts unless a release of its grant was invoked before the kill;
+    a fact counts in any state (a retraction keeps it as history). Returns the
+    number of acknowledged changes checked.
+    """
+    ops = list(ops)
+    releasing = {
+        op.args["grant"] for op in ops if op.op == "release" and op.invoked < killed
+    }
+    checked = 0
+    for op in ops:
+        if not op.ok or op.end >= killed:
+            continue
+        if op.op == "claim" and op.value["grant"] not in releasing:
+            checked += 1
+            for row in op.value["claims"]:
+                if row["id"] not in store["claims"]:
+                    raise Violation(
+                        f"acknowledged claim {row['id']} of {op.process} "
+                        "is missing after the crash"
+                    )
+        elif op.op == "publish":
+            checked += 1
+            if op.value["id"] not in store["facts"]:
+                raise Violation(
+                    f"acknowledged fact {op.value['id']} of {op.process} is missing"
+                )
+    return checked
+
+
+def check_converged(
+    snapshot: dict[str, Any], replicas: dict[str, dict[str, Any]]
+) -> None:
+    """Every replica holds exactly the broker's table at the broker's head."""
+    want = _table(snapshot)
+    for sid, replica in replicas.items():
+        if replica["head"] != snapshot["head"]:
+            raise Violation(
+                f"replica of {sid} is at head {replica['head']}, "
+                f"broker at {snapshot['head']}"
+            )
+        got = _table(replica)
+        if got != want:
+            raise Violation(f"replica of {sid} differs: {got ^ want}")
+
+
+def _table(state: dict[str, Any]) -> frozenset[tuple[Any, ...]]:
+    claims = {
+        ("claim", r["id"], r["sid"], r["scope"], r["mode"], r["fence"])
+        for r in state["claims"]
+    }
+    sessions = {("session", s["sid"]) for s in state["sessions"]}
+    return frozenset(claims | sessions)
+
+
+def check_late_joiner(
+    ops: Iterable[Op], scopes: list[str], facts: list[dict[str, Any]]
+) -> int:
+    """A late joiner's query returns exactly the live facts on its scopes.
+
+    Acknowledged publications not retracted must be there; anything else
+    must come from a publication or retraction whose outcome is unknown, or
+    from the broker itself. Returns the number of facts expected.
+    """
+    ops = list(ops)
+    wanted = [parse_scope(text) for text in scopes]
+
+    def concerns(topics: list[str]) -> bool:
+        return any(overlaps(parse_scope(t), w) for t in topics for w in wanted)
+
+    retracted = {op.args["id"] for op in ops if op.op == "retract" and op.ok}
+    maybe_retracted = {op.args["id"] for op in ops if op.op == "retract" and not op.ok}
+    definite = {
+        op.value["id"]
+        for op in ops
+        if op.op == "publish" and op.ok and concerns(op.args["topics"])
+    } - retracted
+    maybe_texts = {op.args["text"] for op in ops if op.op == "publish" and not op.ok}
+    got = {fact["id"]: fact for fact in facts}
+    missing = definite - set(got) - maybe_retracted
+    if missing:
+        raise Violation(f"late joiner is missing facts {sorted(missing)}")
+    for fact_id, fact in got.items():
+        if fact_id in definite or fact["sid"] == "fleetbus":
+            continue
+        if fact["body"] not in maybe_texts:
+            raise Violation(f"late joiner got unexpected fact {fact_id}: {fact}")
+        if not concerns(fact["topics"]):
+            raise Violation(f"late joiner got fact {fact_id} off its scopes")
+    return len(definite)

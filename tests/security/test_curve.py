@@ -1,0 +1,186 @@
+"""CURVE on TCP: who is admitted, who may act as a session, what a repo may see."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleetbus.client import AsyncSession
+from fleetbus.errors import BadInput
+from fleetbus.repo import RepoInfo
+from fleetbus.security import CLIENT_KEY_ENV, SERVER_KEY_ENV
+from tests.security.conftest import CurveBroker, Keys
+
+
+def ok(reply: dict[str, Any] | None) -> dict[str, Any]:
+    assert reply is not None
+    assert reply["ok"], reply
+    return reply
+
+
+def denied(reply: dict[str, Any] | None) -> None:
+    assert reply is not None, "no reply"
+    assert reply["ok"] is False
+    assert reply["error"]["code"] == "not_authorised", reply
+
+
+def test_admitted_keys_are_served(curve_broker: CurveBroker) -> None:
+    """A key in the allow-list gets answers."""
+    peer = curve_broker.peer("alice")
+    try:
+        ok(peer.request("ping"))
+    finally:
+        peer.close()
+
+
+@pytest.mark.parametrize("name", ["mallory", None], ids=["unknown-key", "no-curve"])
+def test_unknown_keys_and_plain_peers_are_refused(
+    curve_broker: CurveBroker, name: str | None
+) -> None:
+    """A key not in the allow-list, or no CURVE at all, never gets an answer."""
+    peer = curve_broker.peer(name)
+    try:
+        assert peer.request("ping", timeout=1.0) is None
+    finally:
+        peer.close()
+
+
+def test_the_allow_list_is_reloaded_when_it_changes(
+    curve_broker: CurveBroker, keys: Keys
+) -> None:
+    """A key added to the allow-list directory is admitted without a restart."""
+    shutil.copy(keys.public("mallory"), keys.allow)
+    deadline = time.monotonic() + 10
+    reply = None
+    while reply is None and time.monotonic() < deadline:
+        peer = curve_broker.peer("mallory")
+        try:
+            reply = peer.request("ping", timeout=0.3)
+        finally:
+            peer.close()
+    ok(reply)
+
+
+def test_a_session_answers_only_to_the_key_that_opened_it(
+    curve_broker: CurveBroker,
+) -> None:
+    """Another admitted key cannot act as the session; its own key always can."""
+    alice = curve_broker.peer("alice")
+    bob = curve_broker.peer("bob")
+    again = curve_broker.peer("alice")
+    try:
+        ok(alice.request("hello", repo="r", sid="s-alice"))
+        grant = ok(alice.request("claim", sid="s-alice", scopes=["a.py"]))
+        fact = ok(alice.request("publish", sid="s-alice", topics=["a.py"], body="x"))
+        for op, fields in [
+            ("hello", {"repo": "r"}),
+            ("heartbeat", {}),
+            ("claim", {"scopes": ["b.py"]}),
+            ("release", {"grant": grant["grant"]}),
+            ("renew", {"grant": grant["grant"], "ttl_ms": 1000}),
+            ("publish", {"topics": ["a.py"], "body": "y"}),
+            ("retract", {"id": fact["fact"]["id"]}),
+            ("unseen", {}),
+            ("leave", {}),
+        ]:
+            denied(bob.request(op, sid="s-alice", **fields))
+        released = ok(again.request("release", sid="s-alice", grant=grant["grant"]))
+        assert released["released"] == [grant["claims"][0]["id"]]
+    finally:
+        for peer in (alice, bob, again):
+            peer.close()
+
+
+def test_repositories_are_isolated_between_keys(curve_broker: CurveBroker) -> None:
+    """A key sees and touches only the repositories where it holds a session."""
+    alice = curve_broker.peer("alice")
+    bob = curve_broker.peer("bob")
+    try:
+        ok(alice.request("hello", repo="repo-a", sid="a1"))
+        grant = ok(alice.request("claim", sid="a1", scopes=["x.py"]))
+        fact = ok(alice.request("publish", sid="a1", topics=["x.py"], body="secret"))
+        ok(bob.request("hello", repo="repo-b", sid="b1"))
+        before = ok(alice.request("snapshot", repo="repo-a"))
+        denied(bob.request("snapshot", repo="repo-a"))
+        denied(bob.request("facts", repo="repo-a"))
+        denied(bob.request("facts", repo="repo-a", sid="b1"))
+        denied(bob.request("snapshot", repo="repo-a", sid="b1"))
+        status = ok(bob.request("status"))
+        assert set(status["repos"]) == {"repo-b"}
+        row_id = grant["claims"][0]["id"]
+        assert ok(bob.request("release", sid="b1", ids=[row_id]))["released"] == []
+        assert not bob.request("renew", sid="b1", ids=[row_id], ttl_ms=9)["ok"]  # type: ignore[index]
+        assert not bob.request("retract", sid="b1", id=fact["fact"]["id"])["ok"]  # type: ignore[index]
+        assert (
+            ok(bob.request("seen", sid="b1", ids=[fact["fact"]["id"]]))["marked"] == []
+        )
+        ok(bob.request("facts", repo="repo-b"))
+        after = ok(alice.request("snapshot", repo="repo-a"))
+        assert after["claims"] == before["claims"]
+        assert after["seq"] == before["seq"]
+    finally:
+        alice.close()
+        bob.close()
+
+
+def test_force_release_is_for_operators_and_is_published(
+    curve_broker: CurveBroker,
+) -> None:
+    """Only an operator key may force a release; it is logged with its author."""
+    alice = curve_broker.peer("alice")
+    bob = curve_broker.peer("bob")
+    op = curve_broker.peer("op")
+    try:
+        ok(alice.request("hello", repo="r", sid="held"))
+        grant = ok(alice.request("claim", sid="held", scopes=["stuck.py"]))
+        ok(bob.request("hello", repo="r", sid="bob"))
+        denied(bob.request("force_release", repo="r", scopes=["stuck.py"]))
+        denied(bob.request("force_release", repo="r", sid="bob", ids=["x"]))
+        forced = ok(
+            op.request("force_release", repo="r", scopes=["stuck.py"], by="ops-oncall")
+        )
+        assert forced["released"] == [grant["claims"][0]["id"]]
+        assert ok(alice.request("snapshot", repo="r"))["claims"] == []
+    finally:
+        for peer in (alice, bob, op):
+            peer.close()
+    log = curve_broker.log()
+    assert '"event":"claim.force_released"' in log
+    assert '"by":"ops-oncall"' in log
+
+
+async def test_the_sdk_speaks_curve_with_pinned_keys(
+    curve_broker: CurveBroker,
+    keys: Keys,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A session given the broker's key and its own claims, and its replica follows."""
+    monkeypatch.setenv(SERVER_KEY_ENV, str(keys.public("broker")))
+    monkeypatch.setenv(CLIENT_KEY_ENV, str(keys.secret("bob")))
+    repo = RepoInfo(id="sdk-repo", root=tmp_path, branch=None)
+    session = await AsyncSession.connect(curve_broker.url, repo=repo, timeout=5)
+    try:
+        grant = await session.claim("src/a.py")
+        await session.wait_synced()
+        assert [row.id for row in session.claims()] == [g.id for g in grant.claims]
+    finally:
+        await session.close()
+
+
+async def test_the_sdk_needs_its_own_key_when_pinning(
+    curve_broker: CurveBroker,
+    keys: Keys,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Pinning the broker's key without a client key is a clear error."""
+    monkeypatch.setenv(SERVER_KEY_ENV, str(keys.public("broker")))
+    monkeypatch.delenv(CLIENT_KEY_ENV, raising=False)
+    repo = RepoInfo(id="sdk-repo", root=tmp_path, branch=None)
+    with pytest.raises(BadInput, match=CLIENT_KEY_ENV):
+        await AsyncSession.connect(curve_broker.url, repo=repo, timeout=1)
