@@ -500,13 +500,16 @@ def test_session_from_ancestry_finds_the_sidecar_of_an_ancestor_agent(
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     fake = subprocess.Popen(
         [
-            *(sys.executable, "-c", "import sys; sys.stdin.read()"),
+            *(sys.executable, "-c", "import sys; print(); sys.stdin.read()"),
             *("fleetbus.agents.sidecar", "--session-id", "codex-1"),
             *("--agent-pid", str(os.getpid())),
         ],
         stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
     )
     try:
+        assert fake.stdout is not None
+        fake.stdout.readline()  # it runs: its command line is in /proc
         Path(hookclient.sidecar_file("codex-1", ".lock")).write_text(f"{fake.pid}\n")
         Path(hookclient.sidecar_file("gone", ".lock")).write_text("")
 
