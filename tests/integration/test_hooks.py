@@ -512,6 +512,22 @@ def test_broker_down_fails_closed_when_configured(bench: Bench) -> None:
     assert "FLEETBUS_FAIL=closed" in hooked.reason
 
 
+def test_no_runtime_directory_fails_open_with_a_warning(bench: Bench) -> None:
+    """A runtime dir that cannot be made: a one-line warning, or denial if closed."""
+    a = bench.agent("sess-a")
+    blocked = bench.root / "not-a-dir"
+    blocked.write_text("")
+
+    hooked = bench.edit(a, "a.py", XDG_RUNTIME_DIR=str(blocked))
+    closed = bench.edit(a, "a.py", XDG_RUNTIME_DIR=str(blocked), FLEETBUS_FAIL="closed")
+
+    assert (hooked.code, hooked.decision, hooked.stderr) == (0, None, "")
+    assert hooked.answer is not None
+    assert "sidecar cannot run" in hooked.answer["systemMessage"]
+    assert "\n" not in hooked.answer["systemMessage"]
+    assert closed.decision == "deny"
+
+
 def test_session_start_summarises_the_fleet(bench: Bench) -> None:
     """SessionStart tells the model who else works here and on what."""
     a, b = bench.agent("sess-a"), bench.agent("sess-b")

@@ -198,11 +198,16 @@ def respond(
     except Exception as exc:
         # fleetbus.errors is imported here, on the way out, to keep it (and
         # ``typing``) off the path of every successful hook.
-        from fleetbus.errors import FleetbusError
+        from fleetbus.errors import BrokerUnavailable, FleetbusError
 
-        if not isinstance(exc, FleetbusError):
+        if isinstance(exc, FleetbusError):
+            outcome = unavailable(action, exc, env)
+        elif isinstance(exc, OSError):
+            # No runtime directory or no process to spare: as if no broker.
+            problem = BrokerUnavailable(f"the session sidecar cannot run: {exc}")
+            outcome = unavailable(action, problem, env)
+        else:
             raise
-        outcome = unavailable(action, exc, env)
     return adapter.render(action, outcome)
 
 
