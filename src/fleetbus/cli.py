@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     release = add("release", "release claims of this session")
     release.add_argument("scopes", nargs="*", metavar="SCOPE")
     release.add_argument("--all", action="store_true", help="release every claim")
+    release.add_argument(
+        "--force",
+        action="store_true",
+        help="operators: release every session's claims on SCOPEs (logged)",
+    )
     release.set_defaults(run=_run_release)
 
     claims = add("claims", "list the claims, or those overlapping SCOPE")
@@ -164,6 +169,15 @@ def _add_agent_commands(commands: Any) -> None:
     mcp.add_argument("--session", help="session id (default: the agent's)")
     mcp.set_defaults(run=_run_mcp)
 
+    keys = commands.add_parser(
+        "keys", help="create CURVE key pairs for the broker and its clients"
+    )
+    keys.add_argument("names", nargs="+", metavar="NAME")
+    keys.add_argument(
+        "--dir", metavar="DIR", help="where (default: ~/.config/fleetbus/keys)"
+    )
+    keys.set_defaults(run=_run_keys)
+
 
 def _run_guard(args: argparse.Namespace) -> int:
     from fleetbus.agents.gitguard import run_hook
@@ -182,6 +196,14 @@ def _run_install(args: argparse.Namespace) -> int:
         memory=args.memory,
         print_snippet=args.print_snippet,
     )
+
+
+def _run_keys(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fleetbus.security import run_keys
+
+    return run_keys(Path(args.dir) if args.dir else None, args.names)
 
 
 def _run_mcp(args: argparse.Namespace) -> int:
@@ -321,9 +343,16 @@ def _run_claim(args: argparse.Namespace) -> int:
 def _run_release(args: argparse.Namespace) -> int:
     if bool(args.scopes) == bool(args.all):
         _usage("release", "give SCOPEs or --all, not both and not neither")
+    if args.force and args.all:
+        _usage("release", "--force takes SCOPEs, not --all")
 
     async def body(session: AsyncSession) -> int:
-        released = await session.release(*args.scopes, all=args.all)
+        if args.force:
+            from fleetbus.security import force_release
+
+            released = await force_release(session, args.scopes, by=session.name)
+        else:
+            released = await session.release(*args.scopes, all=args.all)
         if args.json:
             _print_json({"released": released})
         elif released:

@@ -301,3 +301,47 @@ def _mtime(*paths: Path | None) -> float:
         for entry in path.glob("*.key"):
             newest = max(newest, entry.stat().st_mtime)
     return newest
+
+
+# -- commands -----------------------------------------------------------------------
+
+
+def default_keys_dir() -> Path:
+    """Where ``fleetbus keys`` writes unless told: the user's config directory."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "fleetbus" / "keys"
+
+
+def run_keys(directory: Path | None, names: list[str]) -> int:
+    """``fleetbus keys``: create a key pair per name and say how to use them."""
+    target = directory or default_keys_dir()
+    for name in names:
+        public, secret = create_keys(target, name)
+        print(f"{name}: public {public}, secret {secret}")
+    print(
+        "Broker: --curve-secret BROKER.key_secret --curve-allow DIR (copy each "
+        "client's .key there).\nClient: "
+        f"{SERVER_KEY_ENV}=BROKER.key {CLIENT_KEY_ENV}=CLIENT.key_secret"
+    )
+    return 0
+
+
+async def force_release(
+    session: Any, scopes: list[str], *, by: str | None = None
+) -> list[str]:
+    """Release every claim on ``scopes`` whoever holds it (operators only).
+
+    ``session`` is an attached :class:`fleetbus.client.AsyncSession`; the
+    broker checks the credential, logs the release and publishes it with
+    reason ``forced``. Returns the ids released.
+    """
+    from fleetbus.repo import resolve_scope
+
+    fields: dict[str, Any] = {
+        "repo": session.repo.id,
+        "scopes": [resolve_scope(text, session.repo).text for text in scopes],
+    }
+    if by is not None:
+        fields["by"] = by
+    reply = await session._request("force_release", **fields)
+    return [str(i) for i in reply.get("released", [])]
