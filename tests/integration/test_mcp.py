@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from mcp.client import Client
 from mcp.client.stdio import StdioServerParameters
 
 from fleetbus.agents import gitguard
-from fleetbus.agents.hookclient import sidecar_file
+from fleetbus.agents.hookclient import SESSION_ENVS, sidecar_file
 from fleetbus.agents.install import fleetbus_executable
 from fleetbus.agents.mcp_server import AgentSession, build_server
 from fleetbus.client import Session, connect
@@ -265,3 +267,34 @@ async def test_query_before_joining_reads_without_a_session(
 
     assert "[decision] @build: use make, not tox" in found
     assert "agent-1" not in sessions
+
+
+async def test_without_an_id_the_session_is_the_sidecar_of_the_agent_above(
+    repo: Path, broker: BrokerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Codex names no session: the tools act as its sidecar's, found at first use."""
+    for name in SESSION_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    agent = AgentSession(discover(repo), None, broker.url)
+    # Started after the server, as an agent's first hook starts its sidecar;
+    # its agent is this process's parent, as Codex is its MCP server's.
+    fake = subprocess.Popen(
+        [
+            *(sys.executable, "-c", "import sys; print(); sys.stdin.read()"),
+            *("fleetbus.agents.sidecar", "--session-id", "codex-9"),
+            *("--agent-pid", str(os.getppid())),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert fake.stdout is not None
+        fake.stdout.readline()
+        Path(sidecar_file("codex-9", ".lock")).write_text(f"{fake.pid}\n")
+        async with Client(build_server(agent), mode="legacy") as client:
+            await call(client, "claim", scopes=["a.py"], intent="codex work")
+    finally:
+        fake.communicate(b"")
+
+    assert agent.sid == "codex-9"
+    assert gitguard.recorded_fences(repo, "codex-9") != {}

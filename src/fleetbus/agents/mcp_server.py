@@ -31,6 +31,7 @@ from fleetbus.agents.hookclient import (
     CALL_TIMEOUT_S,
     answers,
     call_sidecar,
+    session_from_ancestry,
     session_from_env,
 )
 from fleetbus.claims import Claim
@@ -48,8 +49,12 @@ what others published about the paths you hold.
 
 
 def agent_session_id(explicit: str | None = None) -> str:
-    """The session the tools act as: explicit, the agent's, else the CLI's."""
-    found = explicit or session_from_env()
+    """The session the tools act as: explicit, the agent's, else the CLI's.
+
+    The agent's is the one its environment names, else that of the running
+    sidecar whose agent started this server (Codex names none).
+    """
+    found = explicit or session_from_env() or session_from_ancestry()
     if found:
         return found
     from fleetbus.cli import session_id
@@ -62,11 +67,16 @@ class AgentSession:
 
     Every operation answers with plain data (claim rows and facts in their
     wire form) and raises :class:`~fleetbus.errors.FleetbusError` when refused.
+    Without a ``session_id``, the session is settled at the first use (see
+    :func:`agent_session_id`): an agent starts its MCP servers before its first
+    hook has started the session's sidecar.
     """
 
-    def __init__(self, repo: RepoInfo, session_id: str, url: str | None = None) -> None:
+    def __init__(
+        self, repo: RepoInfo, session_id: str | None, url: str | None = None
+    ) -> None:
         self.repo = repo
-        self.sid = session_id
+        self._sid = session_id
         self.url = url
         self._direct: AsyncSession | None = None
         self._reader: AsyncSession | None = None
@@ -74,7 +84,14 @@ class AgentSession:
 
     def __repr__(self) -> str:
         mode = "direct" if self._direct is not None else "idle"
-        return f"<AgentSession {self.sid!r} repo={self.repo.id!r} {mode}>"
+        return f"<AgentSession {self._sid!r} repo={self.repo.id!r} {mode}>"
+
+    @property
+    def sid(self) -> str:
+        """The session the tools act as."""
+        if self._sid is None:
+            self._sid = agent_session_id()
+        return self._sid
 
     async def close(self) -> None:
         """Drop the connections; claims stay with the session's lease."""
@@ -362,6 +379,6 @@ def serve(
     log.configure("warning", stream=sys.stderr)
     if repo is not None and not Path(repo).is_dir():
         raise BadInput(f"no such directory: {repo}")
-    agent = AgentSession(discover(repo), agent_session_id(session_id), url)
+    agent = AgentSession(discover(repo), session_id, url)
     build_server(agent).run("stdio")
     return 0
