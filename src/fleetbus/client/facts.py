@@ -223,7 +223,7 @@ class FactsMixin:
         state = self._facts_start()
         queue: asyncio.Queue[FactEvent | None] = asyncio.Queue()
         state.queues.append(queue)
-        return _iterate(state, queue)
+        return queue_stream(state.queues, queue)
 
     def on_fact(self, callback: FactCallback) -> None:
         """Call ``callback(event)`` for every event :meth:`fact_events` yields.
@@ -402,9 +402,10 @@ class FactsMixin:
                 queue.put_nowait(None)
 
 
-async def _iterate(
-    state: _FactsState, queue: asyncio.Queue[FactEvent | None]
-) -> AsyncGenerator[FactEvent, None]:
+async def queue_stream(
+    queues: list[asyncio.Queue[T | None]], queue: asyncio.Queue[T | None]
+) -> AsyncGenerator[T, None]:
+    """Yield what ``queue`` receives until ``None``, then drop it from ``queues``."""
     try:
         while True:
             item = await queue.get()
@@ -413,7 +414,7 @@ async def _iterate(
             yield item
     finally:
         with contextlib.suppress(ValueError):
-            state.queues.remove(queue)
+            queues.remove(queue)
 
 
 def since_fields(since: int | float | datetime | timedelta | None) -> dict[str, Any]:
@@ -507,4 +508,10 @@ async def _call(function: Callable[..., T], *args: Any) -> T:
     return function(*args)
 
 
-__all__ = ["FactCallback", "FactsMixin", "SyncFactsMixin", "since_fields"]
+__all__ = [
+    "FactCallback",
+    "FactsMixin",
+    "SyncFactsMixin",
+    "queue_stream",
+    "since_fields",
+]

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from fleetbus import log, wire
 from fleetbus.claims import Claim, ClaimView, SessionInfo
-from fleetbus.client.facts import FactsMixin, SyncFactsMixin
+from fleetbus.client.facts import FactsMixin, SyncFactsMixin, queue_stream
 from fleetbus.client.transport import Transport, open_transport
 from fleetbus.errors import (
     BadInput,
@@ -496,20 +496,7 @@ class AsyncSession(FactsMixin):
         """
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         self._queues.append(queue)
-        return self._iterate(queue)
-
-    async def _iterate(
-        self, queue: asyncio.Queue[dict[str, Any] | None]
-    ) -> AsyncIterator[dict[str, Any]]:
-        try:
-            while True:
-                item = await queue.get()
-                if item is None:
-                    return
-                yield item
-        finally:
-            with contextlib.suppress(ValueError):
-                self._queues.remove(queue)
+        return queue_stream(self._queues, queue)
 
     def on_event(self, callback: EventCallback) -> None:
         """Call ``callback(event)`` for every event :meth:`events` would yield.
