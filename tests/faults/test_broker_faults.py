@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from fleetbus.broker.server import REQUEST_MEMORY_S
 from tests.faults import checkers
 from tests.faults.harness import Fleet, Raw, wait_for
 from tests.faults.worker import REPO
@@ -209,3 +210,33 @@ def test_retried_requests_apply_once_even_across_a_restart(
     finally:
         raw.close()
     assert len(events_of(fleet, "claim.granted")) == 1
+
+
+def remembered(fleet: Fleet) -> int:
+    """Rows of remembered replies in the broker's store."""
+    import sqlite3
+
+    uri = f"file:{fleet.broker.data_dir / 'fleetbus.db'}?mode=ro"
+    db = sqlite3.connect(uri, uri=True)
+    try:
+        return int(db.execute("SELECT count(*) FROM requests").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_remembered_replies_leave_the_store_after_the_retry_window(
+    fleet_factory: Callable[..., Fleet],
+) -> None:
+    """Replies kept for retries are pruned from the store, not kept forever."""
+    fleet = fleet_factory(lease_ms=600_000)
+    raw = Raw(fleet.broker.url)
+    try:
+        join(raw, "a")
+        for n in range(5):
+            assert raw.request("claim", sid="a", scopes=[f"old/{n}.py"])["ok"]
+        assert remembered(fleet) >= 5
+        fleet.shift_clock(wall_ms=(REQUEST_MEMORY_S + 60) * 1000)
+        assert raw.request("claim", sid="a", scopes=["new.py"])["ok"]
+        wait_for(lambda: remembered(fleet) == 1, 5, "old replies to be pruned")
+    finally:
+        raw.close()

@@ -9,6 +9,7 @@ broker acknowledge tens of thousands of changes a second.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -390,6 +391,7 @@ class Broker:
 
     def _heartbeats(self) -> None:
         self.rates.prune(self.clock.monotonic())
+        self._forget_replies()
         if self.security.reload():
             self.log.info("security.reloaded", operators=len(self.security.operators))
         for repo, table in self.tables.items():
@@ -480,12 +482,27 @@ class Broker:
         self.store.record_request(key[0], key[1], now, encoded)
         self._replies[key] = (now, encoded)
         self._replies.move_to_end(key)
-        horizon = now - REQUEST_MEMORY_S
+
+    def _forget_replies(self) -> None:
+        """Drop remembered replies past the retry window, in memory and stored.
+
+        Runs between turns, so its own small transaction commits nothing else.
+        """
+        assert self.store is not None
+        horizon = self.clock.wall() - REQUEST_MEMORY_S
         while self._replies:
             first = next(iter(self._replies.values()))
             if first[0] >= horizon:
                 break
             self._replies.popitem(last=False)
+        try:
+            self.store.begin()
+            self.store.prune_requests(horizon)
+            self.store.commit()
+        except Exception as exc:
+            self.log.error("store.prune_failed", error=str(exc))
+            with contextlib.suppress(Exception):
+                self.store.rollback()
 
     def _replay(self, ident: bytes, sid: str, rid: str) -> bool:
         """Answer a retried mutating request with its first reply."""
