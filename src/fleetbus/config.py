@@ -80,6 +80,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "facts_max_age_s", "int", 30 * 86_400, "longest a fact is retained", 1, 10**10
     ),
+    Setting(
+        "request_memory_s",
+        "int",
+        600,
+        "how long replies are kept for retries",
+        1,
+        86_400,
+    ),
     Setting("rate_per_s", "int", 2000, "requests a second per peer (0: any)", 0, 10**7),
     Setting("rate_burst", "int", 4000, "burst of requests per peer", 1, 10**8),
     Setting("curve_secret", "path", None, "the broker's CURVE secret key file"),

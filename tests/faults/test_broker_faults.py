@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from fleetbus.broker.server import REQUEST_MEMORY_S
+from fleetbus.broker.config import BrokerConfig
 from tests.faults import checkers
 from tests.faults.harness import Fleet, Raw, wait_for
 from tests.faults.worker import REPO
@@ -235,7 +235,8 @@ def test_remembered_replies_leave_the_store_after_the_retry_window(
         for n in range(5):
             assert raw.request("claim", sid="a", scopes=[f"old/{n}.py"])["ok"]
         assert remembered(fleet) >= 5
-        fleet.shift_clock(wall_ms=(REQUEST_MEMORY_S + 60) * 1000)
+        window = BrokerConfig("", Path()).request_memory_s
+        fleet.shift_clock(wall_ms=round((window + 60) * 1000))
         assert raw.request("claim", sid="a", scopes=["new.py"])["ok"]
         wait_for(lambda: remembered(fleet) == 1, 5, "old replies to be pruned")
     finally:

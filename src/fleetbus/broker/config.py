@@ -14,12 +14,14 @@ class BrokerConfig:
     after a restart; ``None`` means one lease. ``metrics`` is the ``HOST:PORT``
     of the Prometheus endpoint, ``None`` for none. ``facts_max`` and
     ``facts_max_age_s`` bound the facts retained per repository.
-    ``rate_per_s`` and ``rate_burst`` are each peer's token bucket (0: no
-    limit). ``curve_secret`` (the broker's secret key file) with
-    ``curve_allow`` (a directory of admitted client public keys) turns on
-    CURVE; keys in ``curve_operators`` may force-release, as may the local
-    user when ``local_operator``. ``cross_repo`` lets any admitted credential
-    read every repository.
+    ``request_memory_s`` is how long the reply to a mutating request is
+    kept for a retry with the same ``rid``. ``rate_per_s`` and
+    ``rate_burst`` are each peer's token bucket (0: no limit).
+    ``curve_secret`` (the broker's secret key file) with ``curve_allow`` (a
+    directory of admitted client public keys) turns on CURVE; keys in
+    ``curve_operators`` may force-release, as may the local user when
+    ``local_operator``. ``cross_repo`` lets any admitted credential read
+    every repository.
     """
 
     url: str
@@ -36,6 +38,7 @@ class BrokerConfig:
     facts_max: int = 100_000
     facts_max_age_s: float = 30 * 86_400.0
     rate_per_s: float = 2000.0
+    request_memory_s: float = 600.0
     pub_hwm: int = 100_000
     rate_burst: int = 4000
     curve_secret: Path | None = None

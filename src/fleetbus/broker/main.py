@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest a fact is retained, in seconds (30 days)",
     )
     parser.add_argument(
+        "--request-memory-s",
+        type=int,
+        help="how long replies are kept for retried requests (600)",
+    )
+    parser.add_argument(
         "--rate-per-s", type=int, help="requests a second per peer (2000; 0: any)"
     )
     parser.add_argument("--rate-burst", type=int, help="burst per peer (4000)")
@@ -130,6 +135,7 @@ def resolve(argv: list[str] | None = None) -> BrokerConfig:
         facts_max=settings["facts_max"],
         facts_max_age_s=settings["facts_max_age_s"],
         rate_per_s=settings["rate_per_s"],
+        request_memory_s=settings["request_memory_s"],
         pub_hwm=settings["pub_hwm"],
         rate_burst=settings["rate_burst"],
         curve_secret=settings["curve_secret"],

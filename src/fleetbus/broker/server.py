@@ -51,7 +51,6 @@ Handler = Callable[[bytes, str, dict[str, Any]], None]
 
 MAX_NAME_LEN = 128
 MAX_REPO_LEN = 512
-REQUEST_MEMORY_S = 600.0
 FAILPOINTS_ENV = "FLEETBUS_FAILPOINTS"
 TEST_HOOKS_ENV = "FLEETBUS_TEST_HOOKS"
 
@@ -159,7 +158,7 @@ class Broker:
                 self.session_repo[session.sid] = repo
         self.facts.restore()
         self._replies.clear()
-        since = now.wall - REQUEST_MEMORY_S
+        since = now.wall - self.config.request_memory_s
         for key, reply in self.store.load_requests(since).items():
             self._replies[key] = (now.wall, reply)
         self.security.load_owners(self.store.db)
@@ -489,7 +488,7 @@ class Broker:
         Runs between turns, so its own small transaction commits nothing else.
         """
         assert self.store is not None
-        horizon = self.clock.wall() - REQUEST_MEMORY_S
+        horizon = self.clock.wall() - self.config.request_memory_s
         while self._replies:
             first = next(iter(self._replies.values()))
             if first[0] >= horizon:
