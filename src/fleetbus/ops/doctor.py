@@ -23,9 +23,10 @@ from typing import Any, Literal
 import orjson
 
 from fleetbus import __version__
-from fleetbus.errors import FleetbusError
+from fleetbus.errors import BrokerUnavailable, FleetbusError
 from fleetbus.ops.link import Link, resolve_url
 from fleetbus.repo import discover
+from fleetbus.security import CLIENT_KEY_ENV, SERVER_KEY_ENV
 
 Status = Literal["ok", "warn", "fail", "skip"]
 
@@ -58,6 +59,8 @@ def check_broker(link: Link) -> tuple[list[Check], dict[str, Any] | None]:
         ping = link.request("ping")
         after = time.time()
         status = link.request("status")
+    except BrokerUnavailable as exc:
+        return [Check("broker", "fail", exc.message + _curve_hint(link.url))], None
     except FleetbusError as exc:
         return [Check("broker", "fail", exc.message)], None
     checks = [
@@ -79,6 +82,21 @@ def check_broker(link: Link) -> tuple[list[Check], dict[str, Any] | None]:
         )
     checks.append(_clock(ping.get("time"), before, after))
     return checks, status
+
+
+def _curve_hint(url: str) -> str:
+    """Why a broker over TCP may be silent although it runs: CURVE keys."""
+    if not url.startswith("tcp://"):
+        return ""
+    if os.environ.get(SERVER_KEY_ENV):
+        return (
+            f" If it runs, check that {SERVER_KEY_ENV} is its public key and that "
+            f"the public key of {CLIENT_KEY_ENV} is in its curve_allow directory"
+        )
+    return (
+        f" A broker with CURVE answers only clients that set {SERVER_KEY_ENV} "
+        f"and {CLIENT_KEY_ENV}"
+    )
 
 
 def _clock(broker_time: Any, before: float, after: float) -> Check:
@@ -121,10 +139,10 @@ def check_socket(url: str) -> list[Check]:
     """An ``ipc://`` socket's directory is reachable by its owner only."""
     if url.startswith("tcp://"):
         host = url[len("tcp://") :].rsplit(":", 1)[0]
+        if os.environ.get(SERVER_KEY_ENV):
+            return [Check("socket", "ok", f"{url} is encrypted with CURVE")]
         if host in ("127.0.0.1", "localhost", "[::1]"):
             return [Check("socket", "ok", f"{url} is on loopback")]
-        if os.environ.get("FLEETBUS_SERVER_KEY"):
-            return [Check("socket", "ok", f"{url} is encrypted with CURVE")]
         return [
             Check(
                 "socket",
