@@ -97,7 +97,7 @@ def run(ctx: Run) -> None:
     gc.collect()
     per_size: dict[int, list[float]] = {size: [] for size in sizes}
     with pinned({cpus()[-1]}):
-        for _ in range(ctx.reps * 3):
+        for _ in range(ctx.reps * ctx.scale(2, 3)):
             for size, (view, paths) in views.items():
                 times = _time_calls(lambda p, v=view: v.may_edit(p, "me"), paths)
                 per_size[size].append(quantile(times, 0.5))

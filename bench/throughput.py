@@ -30,7 +30,7 @@ FACTS_REPO = "bench:facts"
 def run_pairs(ctx: Run) -> None:
     """Claim + release pairs per second: 20 SDK sessions on disjoint files."""
     folder = ctx.folder("pairs")
-    seconds = ctx.scale(2, 5)
+    seconds = ctx.scale(1.5, 5)
     rates = []
     with Broker(folder) as broker:
         for _ in range(ctx.reps):
@@ -45,7 +45,7 @@ def run_pairs(ctx: Run) -> None:
 
 def _pairs_once(broker: Broker, folder: Any, seconds: float) -> float:
     per = PAIR_SESSIONS // PAIR_PROCESSES
-    start_at = time.monotonic() + 3.0 + 0.1 * PAIR_SESSIONS
+    start_at = time.monotonic() + 2.0 + 0.05 * PAIR_SESSIONS
     children = [
         bench_child(
             "claimers",
