@@ -586,7 +586,8 @@ class ClaimTable:
         ``grant`` and ``ids`` name rows, and naming another session's row
         raises :class:`~fleetbus.errors.NotOwner`; ``all`` releases every row.
         Scopes that cover none of the session's rows but name another
-        session's claim (cover it, or lie within it) raise ``NotOwner`` too.
+        session's claim (cover it, or lie within it) raise ``NotOwner`` too;
+        one that lies within a row of its own raises ``BadInput``.
         Rows already gone are skipped. Reply: ``{"released": [ids]}``.
         """
         self.touch(sid, now)
@@ -600,6 +601,7 @@ class ClaimTable:
             ]
             if not rows:
                 self._owned(sid, self._named_by_scope(sid, given))
+                self._refuse_partial(sid, given)
         elif all:
             rows = self.view.claims(sid)
         else:
@@ -914,6 +916,16 @@ class ClaimTable:
             return self.view.grant_rows(grant)
         found = (self.view.get(cid) for cid in dict.fromkeys(ids or ()))
         return [row for row in found if row is not None]
+
+    def _refuse_partial(self, sid: str, scopes: tuple[Scope, ...]) -> None:
+        """A scope inside one of the session's own claims cannot free part of it."""
+        for scope in scopes:
+            for row in self.view.overlapping(scope):
+                if row.sid == sid and row.scope.covers(scope):
+                    raise BadInput(
+                        f"{scope.text} lies within your claim on {row.scope.text}, "
+                        f"which is released whole: release {row.scope.text}"
+                    )
 
     def _named_by_scope(self, sid: str, scopes: tuple[Scope, ...]) -> list[Claim]:
         """Rows of other sessions that ``scopes`` cover or lie within."""

@@ -64,14 +64,17 @@ def test_claim_then_conflict_then_release(run: Run) -> None:
 
 
 def test_releasing_another_sessions_claim_exits_1(run: Run) -> None:
-    """Only the holder releases: bob naming alice's claim is refused with exit 1."""
+    """Bob naming alice's claim exits 1; alice naming part of it is told the whole."""
     assert run("claim", "src/", "--intent", "rework").returncode == 0
 
     refused = run("release", "src/a.py", session="bob")
+    partial = run("release", "src/a.py")
     listed = orjson.loads(run("claims", "--json").stdout)
 
     assert refused.returncode == 1
     assert "held by alice" in one_line_error(refused)
+    assert partial.returncode == 2
+    assert "release src/" in one_line_error(partial)
     assert [row["scope"] for row in listed["claims"]] == ["src/"]
 
 

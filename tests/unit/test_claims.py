@@ -669,6 +669,16 @@ def test_releasing_only_another_sessions_scope_is_not_owner(
     assert fleet.table.view.snapshot() == before
 
 
+def test_releasing_part_of_an_own_claim_is_bad_input(fleet: Fleet) -> None:
+    """A claim is released whole: a path inside it says which scope to name."""
+    fleet.claim("s1", "a/")
+
+    with pytest.raises(BadInput, match=r"release a/$"):
+        fleet.release("s1", scopes=["a/b.py"])
+
+    assert fleet.held() == ["a/"]
+
+
 def test_releasing_an_unheld_scope_releases_nothing(fleet: Fleet) -> None:
     """A scope nobody holds, or only overlaps without covering, is a no-op."""
     fleet.claim("s1", "a/*.py")
