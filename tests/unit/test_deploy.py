@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from fleetbus import config
+from fleetbus.security import CLIENT_KEY_ENV, SERVER_KEY_ENV
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNIT = DEPLOY / "fleetbus-broker.service"
@@ -73,6 +74,22 @@ def test_sample_config_holds_only_known_settings() -> None:
 
     assert values["url"].startswith("tcp://")
     assert values["pub_url"].startswith("tcp://")
+
+
+def test_commented_curve_lines_name_real_settings(tmp_path: Path) -> None:
+    """Uncommented, the sample's CURVE keys and compose's variables are known."""
+    sample = (DEPLOY / "config.toml").read_text()
+    enabled = tmp_path / "config.toml"
+    enabled.write_text(re.sub(r"^# (curve_\w+ = )", r"\1", sample, flags=re.M))
+    compose = (DEPLOY / "compose.yaml").read_text()
+    known = {s.env for s in config.SETTINGS} | {SERVER_KEY_ENV, CLIENT_KEY_ENV}
+
+    values = config.read_file(enabled)
+    named = set(re.findall(r"^\s+# (FLEETBUS_\w+):", compose, re.M))
+
+    assert {"curve_secret", "curve_allow", "curve_operators"} <= values.keys()
+    assert named
+    assert named <= known
 
 
 def test_image_and_compose_keep_the_store_on_a_volume() -> None:
