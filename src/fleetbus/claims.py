@@ -150,9 +150,10 @@ class Claim:
         """One readable sentence: what is held, by whom, since when and why."""
         shared = " (shared)" if self.mode == "shared" else ""
         until = "" if self.expires is None else f" until {_utc(self.expires)}"
+        why = f"intent {self.intent!r}" if self.intent else "no intent given"
         return (
             f"{self.scope.text} is held{shared} by {self.name} (sid {self.sid}) "
-            f"since {_utc(self.since)}{until}: intent {self.intent!r}"
+            f"since {_utc(self.since)}{until}: {why}"
         )
 
 

@@ -169,6 +169,16 @@ def test_conflict_names_every_holder_readably(fleet: Fleet) -> None:
     assert "bob (sid s2)" in str(info.value)
 
 
+def test_a_holder_without_intent_is_described_without_quotes(fleet: Fleet) -> None:
+    """An empty intent reads as such, not as a pair of quotes."""
+    fleet.claim("s1", "@db", intent="")
+
+    with pytest.raises(Conflict) as info:
+        fleet.claim("s2", "@db")
+
+    assert str(info.value).endswith(": no intent given")
+
+
 @pytest.mark.parametrize(
     ("held", "wanted", "granted"),
     [
