@@ -328,6 +328,32 @@ def test_ctrl_c_ends_quietly(broker: BrokerProcess, short_tmp: Path) -> None:
     assert proc.stderr.read() == ""
 
 
+def test_idle_repository_points_at_the_busy_ones(
+    broker: BrokerProcess, short_tmp: Path
+) -> None:
+    """Run where nobody works, tail says on stderr that elsewhere somebody does."""
+    busy = short_tmp / "busy"
+    busy.mkdir()
+    idle = short_tmp / "idle"
+    idle.mkdir()
+    with join(broker, busy, "alice"):
+        proc = subprocess.Popen(
+            [FLEETBUS, "tail", "--url", broker.url],
+            cwd=idle,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            hint = Reader(proc.stderr).next()  # type: ignore[arg-type]
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+    assert hint.startswith("fleetbus tail: path:")
+    assert hint.endswith("has no sessions now; --all-repos follows the 1 that have")
+
+
 def test_unreachable_broker_exits_3(short_tmp: Path) -> None:
     """No broker: one line on stderr, exit code 3."""
     done = subprocess.run(

@@ -153,6 +153,22 @@ def reader_gone(stream: TextIO) -> bool:
     return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
 
 
+def _point_at_busy_repos(repo: str | None, active: dict[str, Any]) -> None:
+    """Say so on stderr when ``repo`` is idle but others are not.
+
+    Run outside the repository the fleet works on, tail would otherwise wait
+    in silence.
+    """
+    busy = [r for r, n in active.items() if n.get("sessions") or n.get("claims")]
+    if repo is None or not busy or repo in busy:
+        return
+    sys.stderr.write(
+        f"fleetbus tail: {repo} has no sessions now; "
+        f"--all-repos follows the {len(busy)} that have\n"
+    )
+    sys.stderr.flush()
+
+
 def run(args: argparse.Namespace) -> int:
     """Follow the events until interrupted; returns the exit code."""
     since = parse_since(args.since) if args.since else None
@@ -167,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
     with Link(resolve_url(args.url), timeout=args.timeout) as link:
         watcher = Watcher(link, repo)
         lines = watcher.start(since)
+        _point_at_busy_repos(repo, watcher.active)
         for line in (line for line in lines if line.replay):
             if chosen.admits(line):
                 emit(line, out, as_json=args.json, colour=colour)

@@ -124,6 +124,8 @@ class Watcher:
         self.repo = repo
         self.repos: dict[str, RepoState] = {}
         self.facts_supported = True
+        self.active: dict[str, Any] = {}
+        """The broker's figures per repository when :meth:`start` ran."""
 
     def start(self, since: Since | None) -> list[Line]:
         """Subscribe, load the state, and return the replay (empty without ``since``).
@@ -131,7 +133,7 @@ class Watcher:
         Events that arrived meanwhile follow the replay in the same list.
         """
         self.link.subscribe(repo_topics(self.repo))
-        active = self.link.request("status").get("repos", {})
+        active = self.active = self.link.request("status").get("repos", {})
         wanted = [self.repo] if self.repo is not None else sorted(active)
         early: list[tuple[bytes, dict[str, Any]]] = []
         if since is not None and any(
