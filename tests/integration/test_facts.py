@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import math
 import queue
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -318,6 +319,9 @@ async def test_oversized_and_malformed_facts_are_refused(
         await bob.publish("src/", text="x", kind="rumour")
     with pytest.raises(BadInput):
         await bob.publish(text="no topic")
+    for ttl in (0, -1, math.inf, math.nan):
+        with pytest.raises(BadInput):
+            await bob.publish("src/", text="x", ttl=ttl)
     with pytest.raises(BadScope):
         await bob.publish("../outside", text="x")
     with pytest.raises(BadInput):

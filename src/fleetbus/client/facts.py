@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import (
     AsyncGenerator,
     Callable,
@@ -115,9 +116,12 @@ class FactsMixin:
         if kind is not None:
             fields["kind"] = kind
         if ttl is not None:
-            if ttl <= 0:
-                raise BadInput("a fact's ttl must be > 0 seconds", field="ttl")
-            fields["ttl_ms"] = round(ttl * 1000)
+            if not 0 < ttl < math.inf:
+                raise BadInput(
+                    f"a fact's ttl must be a finite number of seconds > 0, not {ttl!r}",
+                    field="ttl",
+                )
+            fields["ttl_ms"] = max(1, round(ttl * 1000))
         if supersedes is not None:
             fields["supersedes"] = supersedes
         reply = await self._request("publish", **fields)
