@@ -96,6 +96,30 @@ async def test_live_facts_reach_overlapping_subscribers_only(
     assert elsewhere.id not in seen.ids()
 
 
+async def test_fact_events_iterates_from_the_call_and_ends_with_the_session(
+    open_session: Callable[..., Any],
+) -> None:
+    """The async iterator yields the retained facts of what the session claims
+    and then live ones, and stops when the session closes."""
+    alice = await open_session("alice")
+    bob = await open_session("bob")
+    await alice.claim("src/")
+    old = await bob.publish("src/a.py", text="before")
+    stream = alice.fact_events()
+    new = await bob.publish("src/b.py", text="after")
+
+    first = await asyncio.wait_for(anext(stream), WAIT_S)
+    second = await asyncio.wait_for(anext(stream), WAIT_S)
+    await alice.close()
+    rest = [event async for event in stream]
+
+    assert [(first.id, first.type), (second.id, second.type)] == [
+        (old.id, "published"),
+        (new.id, "published"),
+    ]
+    assert rest == []
+
+
 async def test_late_joiner_gets_exactly_the_overlapping_retained_facts(
     open_session: Callable[..., Any],
 ) -> None:
