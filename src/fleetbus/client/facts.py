@@ -9,8 +9,11 @@ claims once it follows facts at all) works like the claim replica: subscribe
 the event socket first and buffer, fetch the retained facts over the control
 channel, then take the live events that are newer. Each facts topic is a
 stream whose events carry ``prev``; a mismatch means an event was lost, and the
-session fetches what changed since over the control channel. Repeats (the same
-event on several topics, or a fact already in the retained set) are dropped.
+session fetches what changed since over the control channel. It does the same
+when a broker heartbeat carries a later ``seq`` than the followed scopes are
+known up to, which is how a lost last event of a topic shows. Repeats (the
+same event on several topics, or a fact already in the retained set) are
+dropped.
 """
 
 from __future__ import annotations
