@@ -29,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--url",
-        help="control socket to bind, ipc://PATH or tcp://HOST:PORT "
-        f"(default: ${paths.URL_ENV}, else a private ipc socket)",
+        help="control socket to bind, ipc://PATH or tcp://HOST:PORT (port 0: any, "
+        f"logged in broker.started; default: ${paths.URL_ENV}, else a private ipc "
+        "socket)",
     )
     parser.add_argument(
         "--pub-url", help="event socket to bind (default: derived from --url)"
