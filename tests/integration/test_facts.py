@@ -379,6 +379,25 @@ async def test_retention_drops_oldest_with_events(
         await alice.close()
 
 
+async def test_retention_by_age_drops_old_facts_with_events(
+    broker_factory: Callable[..., BrokerProcess], repo: Path
+) -> None:
+    """Past the age bound the broker drops a fact on its own, with an event."""
+    brief = broker_factory("brief", env={"FLEETBUS_FACTS_MAX_AGE_S": "1"})
+    bob = await AsyncSession.connect(brief.url, repo=repo, name="bob")
+    alice = await AsyncSession.connect(brief.url, repo=repo, name="alice")
+    try:
+        seen = Collector(alice)
+        await alice.subscribe("src/")
+        fact = await bob.publish("src/a.py", text="short-lived by retention")
+        await seen.until(lambda events: fact.id in seen.ids("dropped"))
+
+        assert await bob.facts(include_history=True) == []
+    finally:
+        await bob.close()
+        await alice.close()
+
+
 async def test_broker_warns_when_a_session_holding_claims_is_lost(
     open_session: Callable[..., Any],
 ) -> None:
