@@ -215,6 +215,8 @@ def check(setting: Setting, value: Any, where: str) -> Any:
         return Path(value).expanduser()
     if kind == "url" and not value.startswith(_URL_SCHEMES):
         raise ConfigError(f"{name} must start with ipc:// or tcp://, not {value!r}")
+    if kind == "url" and value.startswith("tcp://") and not value.endswith(":*"):
+        _check_tcp(value, name)
     if kind == "level":
         if value.lower() not in LOG_LEVELS:
             raise ConfigError(f"{name} must be one of {', '.join(LOG_LEVELS)}")
@@ -222,6 +224,16 @@ def check(setting: Setting, value: Any, where: str) -> Any:
     if kind == "hostport":
         split_hostport(value, name)
     return value
+
+
+def _check_tcp(url: str, name: str) -> None:
+    try:
+        split_hostport(url.removeprefix("tcp://"), name)
+    except ConfigError:
+        # libzmq would silently take port 99999 as 34463.
+        raise ConfigError(
+            f"{name} must be tcp://HOST:PORT, the port 0 to 65535, not {url!r}"
+        ) from None
 
 
 def split_hostport(text: str, name: str = "address") -> tuple[str, int]:

@@ -122,6 +122,8 @@ def test_bad_file_values_are_named_in_one_line(
         ({"FLEETBUS_LEASE_MS": "1"}, "FLEETBUS_LEASE_MS must be at least 100"),
         ({"FLEETBUS_FSYNC": "maybe"}, "FLEETBUS_FSYNC must be true or false"),
         ({"FLEETBUS_URL": "nats://x"}, "FLEETBUS_URL must start with ipc://"),
+        ({"FLEETBUS_URL": "tcp://h:99999"}, "FLEETBUS_URL must be tcp://HOST:PORT"),
+        ({"FLEETBUS_URL": "tcp://h"}, "FLEETBUS_URL must be tcp://HOST:PORT"),
     ],
 )
 def test_bad_env_values_name_the_variable(env: dict[str, str], message: str) -> None:
