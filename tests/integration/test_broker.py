@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -184,3 +186,27 @@ def test_sdk_over_tcp_learns_the_event_port(
         assert [row.intent for row in b.holders("src/a.py")] == ["over tcp"]
         assert not b.may_edit("src/a.py")
         assert a.status()["url"] == broker.url != "tcp://127.0.0.1:0"
+
+
+def test_an_unusable_socket_path_exits_3_without_a_traceback(tmp_path: Path) -> None:
+    """A socket directory that cannot be made is one log line and exit code 3."""
+    url = "ipc:///proc/fleetbus-none/b.sock"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fleetbus.broker",
+            "--url",
+            url,
+            "--data",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 3
+    assert "Traceback" not in done.stderr
+    assert '"event":"broker.start_failed"' in done.stderr

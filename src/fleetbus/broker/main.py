@@ -14,12 +14,22 @@ from pathlib import Path
 from fleetbus import config, paths
 from fleetbus.broker.config import BrokerConfig
 
+EXIT_CODES = """\
+exit codes:
+  0  stopped by SIGTERM or SIGINT
+  2  a bad setting
+  3  cannot bind its sockets or make their directory (or another broker serves)
+  4  cannot open its store
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The broker's command-line options; every one defaults to "not given"."""
     parser = argparse.ArgumentParser(
         prog="fleetbus broker",
         description="Run the fleetbus broker until SIGTERM or SIGINT.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--config",

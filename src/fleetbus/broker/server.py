@@ -1032,7 +1032,7 @@ def run(config: BrokerConfig) -> int:
     broker = Broker(config)
     try:
         broker.start()
-    except (StoreError, BadInput, BrokerUnavailable, zmq.ZMQError) as exc:
+    except (StoreError, BadInput, BrokerUnavailable, zmq.ZMQError, OSError) as exc:
         broker.log.error("broker.start_failed", error=str(exc))
         broker.close()
         return 4 if isinstance(exc, StoreError) else 3
