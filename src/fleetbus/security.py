@@ -259,8 +259,12 @@ class BrokerSecurity:
         self.owners = dict(db.execute("SELECT sid, credential FROM session_owners"))
 
     def bind(self, sid: str, credential: str) -> None:
-        """Bind ``sid`` to ``credential``; the caller's transaction stores it."""
-        if self.owners.get(sid) == credential:
+        """Bind ``sid`` to ``credential``; the caller's transaction stores it.
+
+        On the local default every peer is the same user, so nothing needs
+        binding and nothing is stored.
+        """
+        if self.curve is None or self.owners.get(sid) == credential:
             return
         self.check(sid, credential)
         self.owners[sid] = credential
@@ -279,17 +283,17 @@ class BrokerSecurity:
                 sid=sid,
             )
 
-    def may_read(self, credential: str, repo: str, sessions_repo: set[str]) -> bool:
-        """Whether ``credential`` may read ``repo`` without one of its sessions.
+    def may_read_all(self, credential: str) -> bool:
+        """Whether ``credential`` may read every repository.
 
-        The local user, operators and a broker configured for it may; a key
-        may read the repositories where it holds a session.
+        The local user, operators, and anyone on a broker configured for it
+        may; any other key reads only where it holds a session.
         """
-        if self.cross_repo or self.is_operator(credential):
-            return True
-        if credential == LOCAL_CREDENTIAL:
-            return True
-        return repo in sessions_repo
+        return (
+            self.cross_repo
+            or credential == LOCAL_CREDENTIAL
+            or self.is_operator(credential)
+        )
 
 
 def _mtime(*paths: Path | None) -> float:

@@ -15,13 +15,32 @@ from fleetbus.scope import overlaps, parse_scope
 from tests.faults.harness import Observed
 from tests.faults.history import Op
 
-# After a restart, the first events may link past what was seen: the events
-# of a batch committed just before a crash are never published.
-RESTART_SLACK_S = 5.0
+Ranges = list[tuple[int, int]]
 
 
 class Violation(AssertionError):
     """A promise was broken."""
+
+
+def lost_ranges(observed: Observed, restarts: Iterable[tuple[float, float]]) -> Ranges:
+    """The sequence numbers a crash may have kept from being published.
+
+    A batch committed just before a SIGKILL is never published, so after a
+    restart a stream may link past events nobody saw. Such events lie after
+    the last event seen before the broker went down and before the first one
+    seen after it came back; any other gap is a lost event.
+    """
+    times = sorted((t, e["seq"]) for t, _topic, e in observed.events)
+    ranges: Ranges = []
+    for down, up in restarts:
+        before = max((seq for t, seq in times if t <= down), default=0)
+        after = min((seq for t, seq in times if t >= up), default=1 << 62)
+        ranges.append((before, after))
+    return ranges
+
+
+def _explained(prev: int, ranges: Ranges) -> bool:
+    return any(low < prev < high for low, high in ranges)
 
 
 @dataclass
@@ -51,13 +70,14 @@ def check_claims_stream(
 ) -> StreamReport:
     """Replay the observed claims stream and check it.
 
-    - events follow each other without gaps or duplicates, except across a
-      broker restart (or anywhere when ``gaps_allowed``: a slow reader);
+    - events follow each other without gaps or duplicates, except over
+      events a crash kept from being published (or anywhere when
+      ``gaps_allowed``: a slow reader);
     - no two overlapping exclusive claims of different sessions are held at
       once, in any snapshot or after any event;
     - every grant's fence is its ``seq`` and fences strictly increase.
     """
-    windows = [(down, up + RESTART_SLACK_S) for down, up in restarts]
+    ranges = lost_ranges(observed, restarts)
     report = StreamReport()
     rows: dict[str, _Row] = {}
     last = -1
@@ -83,7 +103,7 @@ def check_claims_stream(
             continue
         if event["prev"] != last:
             report.gaps += 1
-            if not gaps_allowed and not any(a <= when <= b for a, b in windows):
+            if not gaps_allowed and not _explained(event["prev"], ranges):
                 raise Violation(
                     f"gap in the claims stream outside a restart: applied {last}, "
                     f"then an event with prev {event['prev']} (seq {event['seq']})"
@@ -137,13 +157,14 @@ def check_fact_streams(
 ) -> int:
     """Every facts topic's events are linked by ``prev``, without duplicates.
 
-    The first event seen on a topic may link to anything earlier; gaps are
-    allowed only across a restart. Returns the number of events checked.
+    The first event seen on a topic may link to anything earlier; a gap is
+    allowed only over events a crash kept from being published (see
+    :func:`lost_ranges`). Returns the number of events checked.
     """
-    windows = [(down, up + RESTART_SLACK_S) for down, up in restarts]
+    ranges = lost_ranges(observed, restarts)
     last: dict[bytes, int] = {}
     count = 0
-    for when, topic, event in observed.events:
+    for _when, topic, event in observed.events:
         if topic[:1] != b"f":
             continue
         count += 1
@@ -151,7 +172,7 @@ def check_fact_streams(
         if seen is not None:
             if event["seq"] <= seen:
                 raise Violation(f"duplicate or reordered fact event {event['seq']}")
-            if event["prev"] != seen and not any(a <= when <= b for a, b in windows):
+            if event["prev"] != seen and not _explained(event["prev"], ranges):
                 raise Violation(
                     f"gap on fact topic {topic!r}: last {seen}, prev {event['prev']}"
                 )

@@ -64,4 +64,5 @@ def test_acknowledged_changes_survive_kills_at_every_failpoint(
 def test_long_crash_runs(fleet_factory: Callable[..., Fleet], seed: int) -> None:
     """The long form: more sessions and operations, each failpoint twice a seed."""
     fleet = fleet_factory(lease_ms=3000)
-    crash_run(fleet, FAILPOINTS * 2, seed, workers=6, ops=300)
+    figures = crash_run(fleet, FAILPOINTS * 2, seed, workers=6, ops=300)
+    print(f"seed {seed}: {figures}")

@@ -14,7 +14,8 @@ from tests.faults.harness import Fleet, Raw, wait_for
 from tests.faults.proxy import PartitionProxy
 from tests.faults.worker import REPO
 
-HELD = "src/held.py"
+# A resource no random claim of the workers overlaps, so the holder gets it.
+HELD = "@held"
 LEASE_MS = 1000
 # The broker wakes for a lease deadline to the millisecond; what remains is
 # scheduling noise on a loaded machine.
@@ -145,6 +146,7 @@ def test_partitioned_session_is_lost_and_rejoins_after_healing(
         scenario.settle(fleet)
         scenario.check_all(fleet)
         assert proxy.dropped > 0
+        fleet.close()
     finally:
         proxy.stop()
 

@@ -337,7 +337,7 @@ class Broker:
             for repo in self._dirty:
                 sequence = self.sequences[repo]
                 self.store.begin()
-                self.store.save_sequence(repo, sequence.seq, sequence.heads)
+                self.store.save_sequence(repo, sequence.seq, sequence.take_changed())
             self._failpoint("before_commit")
             started = time.perf_counter()
             self.store.commit()
@@ -854,12 +854,12 @@ class Broker:
     def may_read(self, repo: str) -> bool:
         """Whether the current request's credential may read ``repo``."""
         credential = self._credential
-        mine = {
-            self.session_repo[sid]
+        if self.security.may_read_all(credential):
+            return True
+        return any(
+            owner == credential and self.session_repo.get(sid) == repo
             for sid, owner in self.security.owners.items()
-            if owner == credential and sid in self.session_repo
-        }
-        return self.security.may_read(credential, repo, mine)
+        )
 
     def check_repo(self, message: dict[str, Any], repo: str) -> None:
         """Refuse a request that reads ``repo`` from outside it.
