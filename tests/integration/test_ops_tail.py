@@ -392,6 +392,20 @@ def test_verbs_are_coloured_by_kind_on_a_terminal_only(
     assert not use_colour(terminal)
 
 
+def test_scopes_line_up_whatever_the_verb() -> None:
+    """The scope column starts at one place for every verb, shared claims too."""
+    verbs = ["claimed (shared)", "holds (shared)", "stops waiting", "left"]
+    lines = [
+        format_line(
+            Line({}, "git:0b5f63e", 0.0, "s", "bob", verb, "claimed", ["src/"], ""),
+            colour=False,
+        )
+        for verb in verbs
+    ]
+
+    assert len({line.index("src/") for line in lines}) == 1
+
+
 def test_kind_filter_refuses_an_unknown_name() -> None:
     """Families, types, verbs and fact kinds pass; a typo is refused by name."""
     Filter(["claim,gotcha", "session.lost", "expired", "holds"], None, [])

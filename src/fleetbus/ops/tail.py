@@ -25,7 +25,7 @@ from fleetbus.scope import Scope, parse_scope
 
 POLL_S = 1.0
 NAME_WIDTH = 14
-VERB_WIDTH = 13
+VERB_WIDTH = len("claimed (shared)")
 KIND_NAMES = frozenset(
     {
         *("session", "claim", "wait", "fact", "notice"),
