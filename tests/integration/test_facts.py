@@ -197,7 +197,8 @@ async def test_a_lost_last_event_is_recovered_at_the_broker_heartbeat(
     open_session: Callable[..., Any],
 ) -> None:
     """An event lost with no later one on its topic is fetched once a broker
-    heartbeat shows the repository moved on; finished catch-ups are let go."""
+    heartbeat shows the repository moved on, and only what the followed scopes
+    overlap is told; finished catch-ups are let go."""
     bob = await open_session("bob")
     carol = await open_session("carol")
     seen = Collector(carol)
@@ -211,6 +212,7 @@ async def test_a_lost_last_event_is_recovered_at_the_broker_heartbeat(
             take(topic, event)
 
     carol._on_fact_event = lossy  # type: ignore[method-assign]
+    elsewhere = await bob.publish("lib/", text="not followed, fetched all the same")
     last = await bob.publish("src/a.py", text="last on its topic, dropped")
     await seen.until(lambda events: last.id in [e.id for e in events])
     for n in range(3, 5):
@@ -218,6 +220,7 @@ async def test_a_lost_last_event_is_recovered_at_the_broker_heartbeat(
         await seen.until(lambda events, told=n: len(seen.ids()) == told)
 
     assert seen.ids()[:2] == [ready.id, last.id]
+    assert elsewhere.id not in [e.id for e in seen.events]
     assert len(carol._tasks) < 7
 
 

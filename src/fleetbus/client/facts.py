@@ -324,9 +324,10 @@ class FactsMixin:
         return [event.fact for event in events if event.fact is not None]
 
     async def _facts_fetch(
-        self, scopes: list[str], *, since: int | None
+        self, scopes: list[str] | None, *, since: int | None
     ) -> tuple[list[Fact], int]:
-        """Every fact on ``scopes``: live ones, or all that changed after ``since``.
+        """Every fact on ``scopes`` (``None``: all): live ones, or all that
+        changed after ``since``.
 
         Returns them and the sequence number of the first page.
         """
@@ -334,11 +335,9 @@ class FactsMixin:
         first: int | None = None
         cursor = since
         while True:
-            fields: dict[str, Any] = {
-                "repo": self.repo.id,
-                "scopes": scopes,
-                "limit": _PAGE,
-            }
+            fields: dict[str, Any] = {"repo": self.repo.id, "limit": _PAGE}
+            if scopes is not None:
+                fields["scopes"] = scopes
             if since is None:
                 fields["since"] = cursor or 0
             else:
@@ -353,20 +352,21 @@ class FactsMixin:
             cursor = last.seq if since is None else last.changed
 
     async def _facts_catch_up(self, state: _FactsState, since: int) -> None:
-        """Fetch what changed after ``since`` on the followed scopes."""
+        """Fetch what changed after ``since`` and tell what the followed
+        scopes overlap.
+
+        The query names no scopes: a session that claimed many files follows
+        many scopes, while what changed in a heartbeat's time is little.
+        """
         if self._closed or not state.feed.scopes:
             return
         async with state.lock:
-            scopes = [scope.text for scope in state.feed.scopes]
             try:
-                facts, at = await self._facts_fetch(scopes, since=since)
+                facts, at = await self._facts_fetch(None, since=since)
             except FleetbusError as exc:
                 _log.warning("facts.catch_up_failed", sid=self.sid, error=str(exc))
                 return
-            # Scopes followed meanwhile were not in the query: their own
-            # retained set, not this answer, says how far they are known.
-            covered = len(state.feed.scopes) == len(scopes)
-            if covered and state.synced is not None and since <= state.synced:
+            if state.synced is not None and since <= state.synced:
                 state.synced = max(state.synced, at)
             self._facts_deliver(state, state.feed.retained(facts))
 
