@@ -1,0 +1,128 @@
+"""The broker's log: one JSON line per meaningful change, under stable names."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from fleetbus import log
+from fleetbus.client import connect
+from fleetbus.errors import Conflict
+from tests.support.brokerproc import BrokerProcess
+
+DEADLINE_S = 15.0
+DIE_HOLDING = """
+import os, sys
+from fleetbus.client import connect
+session = connect(sys.argv[1], repo=sys.argv[2], name="carol", session_id="l-carol")
+session.claim("lib/", intent="dies holding it")
+os._exit(0)
+"""
+
+
+def events(broker: BrokerProcess) -> list[dict[str, Any]]:
+    """Every line the broker logged, each parsed as JSON."""
+    return [orjson.loads(line) for line in broker.log().splitlines()]
+
+
+def wait_for(broker: BrokerProcess, name: str, count: int = 1) -> list[dict[str, Any]]:
+    """The broker's log once it holds ``count`` lines of event ``name``."""
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        logged = events(broker)
+        if sum(1 for e in logged if e["event"] == name) >= count:
+            return logged
+        time.sleep(0.02)
+    raise AssertionError(f"no {name} in the log:\n{broker.log()}")
+
+
+def test_each_change_is_one_json_line_with_a_stable_name(
+    broker: BrokerProcess, short_tmp: Path
+) -> None:
+    """Joins, grants, a refusal, a wait, a fact, releases, expiries and a loss."""
+    with (
+        connect(broker.url, repo=short_tmp, name="alice", session_id="l-alice") as a,
+        connect(broker.url, repo=short_tmp, name="bob", session_id="l-bob") as b,
+    ):
+        grant = a.claim("src/", intent="refactor")
+        with pytest.raises(Conflict):
+            b.claim("src/x.py")
+        waiter = threading.Thread(
+            target=b.claim, args=("src/x.py",), kwargs={"wait": 10}, daemon=True
+        )
+        waiter.start()
+        wait_for(broker, "claim.queued")
+        a.publish("src/", text="tokens are cached")
+        a.release(grant=grant.id)
+        waiter.join(DEADLINE_S)
+        b.claim("docs/", ttl=0.2)
+        wait_for(broker, "claim.expired")
+    subprocess.run(
+        [sys.executable, "-c", DIE_HOLDING, broker.url, str(short_tmp)],
+        check=True,
+        timeout=60,
+    )
+    logged = wait_for(broker, "session.lost")
+
+    info = [e for e in logged if e["level"] != "debug"]
+    names = [e["event"] for e in info]
+    for name in (
+        "broker.started",
+        "session.joined",
+        "claim.granted",
+        "claim.refused",
+        "claim.queued",
+        "fact.published",
+        "claim.released",
+        "claim.expired",
+        "session.left",
+        "session.lost",
+    ):
+        assert name in names, (name, names)
+    assert names.count("claim.granted") == 4, "alice, bob after waiting, docs/, lib/"
+    assert names.count("claim.refused") == 1
+    assert names.count("session.joined") == 3
+    refused = next(e for e in info if e["event"] == "claim.refused")
+    assert refused["sid"] == "l-bob"
+    lost = next(e for e in info if e["event"] == "session.lost")
+    assert lost["sid"] == "l-carol"
+    expired = [e for e in info if e["event"] == "claim.expired"]
+    assert {e["reason"] for e in expired} == {"ttl_expired", "session_lost"}
+    assert "request.received" not in names, "traffic is logged at debug only"
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize(
+    ("stream", "is_json"), [(io.StringIO(), True), (Terminal(), False)]
+)
+def test_json_off_a_terminal_and_console_on_one(
+    stream: io.StringIO, is_json: bool
+) -> None:
+    """Without a choice, the log is JSON lines unless it goes to a terminal."""
+    try:
+        log.configure("info", stream=stream)
+        log.get("broker").info("claim.granted", sid="s1", seq=3)
+    finally:
+        log.configure("warning")
+
+    line = stream.getvalue().strip()
+    if is_json:
+        assert orjson.loads(line)["event"] == "claim.granted"
+    else:
+        assert "claim.granted" in line
+        assert "s1" in line
+        assert not line.startswith("{")
