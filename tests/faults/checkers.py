@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleetbus.claims import modes_conflict
-from fleetbus.scope import overlaps, parse_scope
+from fleetbus.scope import Scope, ScopeIndex, overlaps, parse_scope
 from tests.faults.harness import Observed
 from tests.faults.history import Op
 
@@ -58,8 +58,37 @@ class StreamReport:
 @dataclass
 class _Row:
     sid: str
-    scope: str
+    scope: Scope
     mode: str
+
+
+class _Table:
+    """The claims held, indexed by scope so each new row is checked quickly."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, _Row] = {}
+        self.index: ScopeIndex[str] = ScopeIndex()
+
+    def add(self, data: dict[str, Any], where: str) -> None:
+        """Hold a row, refusing it if it excludes a row of another session."""
+        row = _Row(data["sid"], parse_scope(data["scope"]), data["mode"])
+        for _scope, other_id in self.index.overlapping(row.scope):
+            other = self.rows[other_id]
+            if other.sid != row.sid and modes_conflict(other.mode, row.mode):  # type: ignore[arg-type]
+                raise Violation(
+                    f"{where}: {data['id']} ({row.sid} {row.mode} {data['scope']}) "
+                    f"and {other_id} ({other.sid} {other.mode} {other.scope.text}) "
+                    "held at once"
+                )
+        self.rows[data["id"]] = row
+        self.index.add(row.scope, data["id"])
+
+    def remove(self, cid: str) -> _Row | None:
+        """Stop holding a row."""
+        row = self.rows.pop(cid, None)
+        if row is not None:
+            self.index.discard(row.scope, cid)
+        return row
 
 
 def check_claims_stream(
@@ -79,7 +108,7 @@ def check_claims_stream(
     """
     ranges = lost_ranges(observed, restarts)
     report = StreamReport()
-    rows: dict[str, _Row] = {}
+    table = _Table()
     last = -1
     timeline: list[tuple[float, int, Any]] = [
         (t, 0, snap) for t, snap in observed.snapshots
@@ -91,11 +120,9 @@ def check_claims_stream(
     for when, kind, item in timeline:
         if kind == 0:
             report.snapshots += 1
-            rows = {
-                row["id"]: _Row(row["sid"], row["scope"], row["mode"])
-                for row in item["claims"]
-            }
-            _check_exclusive(rows, f"snapshot at head {item['head']}")
+            table = _Table()
+            for row in item["claims"]:
+                table.add(row, f"snapshot at head {item['head']}")
             last = int(item["head"])
             continue
         event = item
@@ -110,13 +137,13 @@ def check_claims_stream(
                 )
             continue
         report.events += 1
-        _apply(event, rows, report, when)
+        _apply(event, table, report, when)
         last = int(event["seq"])
     return report
 
 
 def _apply(
-    event: dict[str, Any], rows: dict[str, _Row], report: StreamReport, when: float
+    event: dict[str, Any], table: _Table, report: StreamReport, when: float
 ) -> None:
     kind = event["type"]
     if kind == "claim.granted":
@@ -129,27 +156,12 @@ def _apply(
             )
         report.max_fence = event["fence"]
         for row in event["claims"]:
-            rows[row["id"]] = _Row(row["sid"], row["scope"], row["mode"])
-        _check_exclusive(rows, f"grant {event['grant']} at seq {event['seq']}")
+            table.add(row, f"grant {event['grant']} at seq {event['seq']}")
     elif kind == "claim.released":
         for cid in event["ids"]:
-            held = rows.pop(cid, None)
+            held = table.remove(cid)
             if held is not None:
                 report.released.setdefault(held.sid, []).append((when, event["reason"]))
-
-
-def _check_exclusive(rows: dict[str, _Row], where: str) -> None:
-    items = list(rows.items())
-    for i, (id_a, a) in enumerate(items):
-        scope_a = parse_scope(a.scope)
-        for id_b, b in items[i + 1 :]:
-            if a.sid == b.sid or not modes_conflict(a.mode, b.mode):  # type: ignore[arg-type]
-                continue
-            if overlaps(scope_a, parse_scope(b.scope)):
-                raise Violation(
-                    f"{where}: {id_a} ({a.sid} {a.mode} {a.scope}) and "
-                    f"{id_b} ({b.sid} {b.mode} {b.scope}) held at once"
-                )
 
 
 def check_fact_streams(

@@ -31,6 +31,11 @@ def settle(fleet: Fleet, timeout: float = 60.0) -> dict[str, Any]:
 
     snap, replicas = wait_for(converged, timeout, "replicas to converge", step=0.1)
     checkers.check_converged(snap, replicas)
+    observer = fleet.observer
+    assert observer is not None
+    wait_for(
+        lambda: observer.applied >= snap["head"], timeout, "the observer to catch up"
+    )
     return snap
 
 

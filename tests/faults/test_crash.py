@@ -56,7 +56,6 @@ def test_acknowledged_changes_survive_kills_at_every_failpoint(
     fleet = fleet_factory(lease_ms=3000)
     figures = crash_run(fleet, FAILPOINTS, seed=1)
     assert figures["durable"]
-    assert figures["unknown"]
 
 
 @pytest.mark.slow

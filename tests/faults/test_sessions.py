@@ -154,8 +154,14 @@ def test_partitioned_session_is_lost_and_rejoins_after_healing(
 def test_slow_reader_detects_the_gap_and_resyncs(
     fleet_factory: Callable[..., Fleet],
 ) -> None:
-    """A session that stops reading while its queues overflow resyncs, then agrees."""
-    fleet = fleet_factory(lease_ms=5000, broker_args=["--pub-hwm", "10"])
+    """A session that stops reading while its queues overflow resyncs, then agrees.
+
+    One request per batch makes one message per event, so the flood overflows
+    the ten-message queue whatever the broker's batching of events.
+    """
+    fleet = fleet_factory(
+        lease_ms=5000, broker_args=["--pub-hwm", "10", "--max-batch", "1"]
+    )
     fleet.spawn("slow", 12, "--ops", "20", "--stall-after", "3", "--stall-s", "1")
     wait_for(lambda: noted(fleet, "slow", "stall"), 20, "the reader to stall")
     flood(fleet, 3000)

@@ -206,10 +206,15 @@ class Worker:
         self.rec.ok(index, ids=[fact.id for fact in found])
 
     def completed_badly(self, index: int, exc: Exception) -> None:
-        """A refusal changed nothing; anything else may have taken effect."""
-        definite = isinstance(exc, FleetbusError) and not isinstance(
-            exc, BrokerUnavailable | TimedOut
+        """A refusal changed nothing; anything else may have taken effect.
+
+        A wait that the broker ended is a refusal; a reply that never came,
+        or a queued claim whose final answer never came, is unknown.
+        """
+        unanswered = isinstance(exc, BrokerUnavailable) or (
+            isinstance(exc, TimedOut) and exc.message.startswith("no final answer")
         )
+        definite = isinstance(exc, FleetbusError) and not unanswered
         if definite:
             self.rec.fail(index, getattr(exc, "code", type(exc).__name__))
         else:
