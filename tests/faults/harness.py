@@ -112,6 +112,7 @@ class Observer(threading.Thread):
         self.lock = threading.Lock()
 
     def run(self) -> None:
+        """Observe until stopped: snapshot first, then every event."""
         ctx = zmq.Context()
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)

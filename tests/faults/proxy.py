@@ -33,6 +33,7 @@ class PartitionProxy(threading.Thread):
         assert self._bound.wait(10), "proxy did not bind"
 
     def run(self) -> None:
+        """Forward until stopped, one backend DEALER per client."""
         ctx = zmq.Context()
         front = ctx.socket(zmq.ROUTER)
         front.setsockopt(zmq.LINGER, 0)

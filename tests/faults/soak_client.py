@@ -34,9 +34,11 @@ class Stats:
         self.fences: list[int] = []
 
     def time(self, op: str, seconds: float) -> None:
+        """Record one latency of ``op``."""
         self.latency.setdefault(op, []).append(seconds)
 
     def count(self, what: str) -> None:
+        """Count one ``what``."""
         self.counts[what] = self.counts.get(what, 0) + 1
 
 
@@ -60,6 +62,7 @@ async def session_loop(
 
 
 async def one_cycle(session: AsyncSession, rng: random.Random, stats: Stats) -> None:
+    """Claim a random file, maybe publish on it, hold it, release it."""
     path = f"src/m{rng.randrange(FILES)}.py"
     started = time.perf_counter()
     try:
@@ -99,6 +102,7 @@ async def one_cycle(session: AsyncSession, rng: random.Random, stats: Stats) -> 
 async def main_async(
     url: str, count: int, seconds: float, seed: int, out: Path
 ) -> None:
+    """Run ``count`` sessions until ``seconds`` pass; write the figures."""
     stats = Stats()
     deadline = time.monotonic() + seconds
     root = out.parent

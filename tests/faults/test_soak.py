@@ -50,6 +50,7 @@ class Sampler(threading.Thread):
         self.halt = threading.Event()
 
     def run(self) -> None:
+        """Sample until halted."""
         start = time.monotonic()
         while not self.halt.wait(self.period):
             self.samples.append((time.monotonic() - start, rss_kib(self.pid)))

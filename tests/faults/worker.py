@@ -66,6 +66,7 @@ class Worker:
         self.session: AsyncSession | None = None
 
     async def run(self) -> None:
+        """Join, do the operations, then settle until told to exit."""
         index = self.rec.invoke("hello")
         self.session = await AsyncSession.connect(
             args_url(),
@@ -97,6 +98,7 @@ class Worker:
             self.rec.note(str(event["type"]))
 
     async def step(self) -> None:
+        """One random operation."""
         roll = self.rng.random()
         if roll < 0.35 or not self.grants:
             await self.claim()
@@ -114,6 +116,7 @@ class Worker:
     async def claim(
         self, scopes: list[str] | None = None, wait: float | None = None
     ) -> None:
+        """Claim random scopes (or ``scopes``), sometimes waiting or with a TTL."""
         assert self.session is not None
         count = 1 if self.rng.random() < 0.8 else 2
         scopes = scopes or self.rng.sample(SCOPES, count)
@@ -147,6 +150,7 @@ class Worker:
         return [g for g in self.grants if g != self.held]
 
     async def release(self) -> None:
+        """Release one of this worker's grants."""
         assert self.session is not None
         grants = self.releasable()
         grant = grants[self.rng.randrange(len(grants))]
@@ -160,6 +164,7 @@ class Worker:
         self.rec.ok(index, released=released)
 
     async def renew(self) -> None:
+        """Give one of this worker's grants a TTL."""
         assert self.session is not None
         grant = self.rng.choice(self.releasable())
         index = self.rec.invoke("renew", grant=grant, ttl=30.0)
@@ -171,6 +176,7 @@ class Worker:
         self.rec.ok(index)
 
     async def publish(self) -> None:
+        """Publish a fact with a unique text on a random topic."""
         assert self.session is not None
         topic = self.rng.choice(TOPICS)
         text = f"{self.sid} learned {self.rng.getrandbits(32):08x}"
@@ -184,6 +190,7 @@ class Worker:
         self.rec.ok(index, id=fact.id, seq=fact.seq)
 
     async def retract(self) -> None:
+        """Retract one of this worker's facts."""
         assert self.session is not None
         fact_id = self.facts.pop(self.rng.randrange(len(self.facts)))
         index = self.rec.invoke("retract", id=fact_id)
@@ -195,6 +202,7 @@ class Worker:
         self.rec.ok(index)
 
     async def query(self) -> None:
+        """Query the retained facts of a random topic."""
         assert self.session is not None
         topic = self.rng.choice(TOPICS)
         index = self.rec.invoke("facts", scopes=[topic])

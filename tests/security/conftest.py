@@ -32,9 +32,11 @@ class Keys:
     operators: Path
 
     def public(self, name: str) -> Path:
+        """The public key file of ``name``."""
         return self.dir / f"{name}.key"
 
     def secret(self, name: str) -> Path:
+        """The secret key file of ``name``."""
         return self.dir / f"{name}.key_secret"
 
 
@@ -71,6 +73,7 @@ class CurvePeer:
         return None
 
     def close(self) -> None:
+        """Close the socket."""
         self.sock.close(linger=0)
 
 
@@ -116,12 +119,15 @@ class CurveBroker:
             peer.close()
 
     def peer(self, name: str | None) -> CurvePeer:
+        """A peer with the key pair ``name`` (None: no CURVE)."""
         return CurvePeer(self.url, self.keys, name)
 
     def log(self) -> str:
+        """What the broker logged so far."""
         return self.log_path.read_text(errors="replace")
 
     def kill(self) -> None:
+        """SIGKILL the broker and reap it."""
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)

@@ -17,12 +17,14 @@ from tests.security.conftest import CurveBroker, Keys
 
 
 def ok(reply: dict[str, Any] | None) -> dict[str, Any]:
+    """The reply, checked to be a success."""
     assert reply is not None
     assert reply["ok"], reply
     return reply
 
 
 def denied(reply: dict[str, Any] | None) -> None:
+    """Check the reply is a ``not_authorised`` refusal."""
     assert reply is not None, "no reply"
     assert reply["ok"] is False
     assert reply["error"]["code"] == "not_authorised", reply

@@ -21,6 +21,7 @@ FLEETBUS = str(Path(sys.executable).parent / "fleetbus")
 
 
 def mode(path: Path) -> int:
+    """The permission bits of ``path`` (not following links)."""
     return stat.S_IMODE(path.lstat().st_mode)
 
 
@@ -127,6 +128,7 @@ def test_a_session_stays_in_its_repository(broker: BrokerProcess) -> None:
 def cli(
     broker: BrokerProcess, cwd: Path, *args: str
 ) -> subprocess.CompletedProcess[str]:
+    """Run ``fleetbus ARGS --json`` against ``broker`` in ``cwd``."""
     env = {**os.environ, "FLEETBUS_URL": broker.url, "FLEETBUS_SESSION": "operator"}
     env.pop("CLAUDE_CODE_SESSION_ID", None)
     return subprocess.run(
@@ -141,6 +143,7 @@ def cli(
 
 
 def stuck_claim(broker: BrokerProcess, repo: str) -> str:
+    """A TTL claim of a session that went away; returns the row id."""
     raw = Raw(broker.url)
     try:
         assert raw.request("hello", repo=repo, sid="gone")["ok"]
