@@ -32,6 +32,7 @@ OPS = (
     "release",
     "renew",
     "leave",
+    "cancel",
     "force_release",
     "publish",
     "retract",
@@ -324,6 +325,7 @@ FIELDS = (
     "lease",
     "mark",
     "by",
+    "wait",
 )
 requests = st.fixed_dictionaries(
     {"op": st.sampled_from(OPS) | st.text(max_size=12), "rid": st.text(max_size=70)},
