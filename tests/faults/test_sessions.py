@@ -212,3 +212,22 @@ def test_churn_of_sessions_joining_and_leaving(
         (fleet.runs / "quiet").unlink()
         (fleet.runs / "exit").unlink()
     scenario.check_all(fleet)
+
+
+def test_after_a_restart_a_dead_session_keeps_its_claims_for_lease_and_grace(
+    fleet_factory: Callable[..., Fleet],
+) -> None:
+    """A session that died while the broker was down is lost after lease + grace."""
+    fleet = fleet_factory(lease_ms=LEASE_MS, grace_ms=LEASE_MS)
+    proc = fleet.spawn("holder", 13, "--hold", HELD, "--ops", "1000000")
+    grant = held_grant(fleet, "holder")
+    fleet.kill_broker()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    fleet.restart_broker()
+    up = fleet.restarts[-1][1]
+    ids = [row["id"] for row in grant["claims"]]
+    when, reason = wait_for(lambda: released_at(fleet, ids), 10, "the release")
+    assert reason == "session_lost"
+    bound = 2 * LEASE_MS / 1000
+    assert bound - SLACK_S <= when - up <= bound + SLACK_S
