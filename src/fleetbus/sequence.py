@@ -14,18 +14,19 @@ from typing import Any
 class Sequence:
     """The sequence of one repository and the head of each of its streams."""
 
-    __slots__ = ("heads", "seq")
+    __slots__ = ("_changed", "heads", "seq")
 
     def __init__(self, seq: int = 0, heads: dict[str, int] | None = None) -> None:
         self.seq = seq
         self.heads: dict[str, int] = dict(heads or {})
+        self._changed: dict[str, int] = {}
 
     def stamp(self, stream: str, event: dict[str, Any]) -> dict[str, Any]:
         """Give ``event`` the next number and link it to its stream's head."""
         self.seq += 1
         event["seq"] = self.seq
         event["prev"] = self.heads.get(stream, 0)
-        self.heads[stream] = self.seq
+        self.heads[stream] = self._changed[stream] = self.seq
         return event
 
     def head(self, stream: str) -> int:
@@ -40,8 +41,17 @@ class Sequence:
         :meth:`next_number`, then is linked to each.
         """
         prev = self.heads.get(stream, 0)
-        self.heads[stream] = seq
+        self.heads[stream] = self._changed[stream] = seq
         return prev
+
+    def take_changed(self) -> dict[str, int]:
+        """The heads moved since the last call, which forgets them.
+
+        A repository accumulates one stream per fact topic ever used, so the
+        store writes only these rather than every head on each commit.
+        """
+        changed, self._changed = self._changed, {}
+        return changed
 
     def next_number(self) -> int:
         """Take a number for a change that publishes no event of its own."""

@@ -30,6 +30,7 @@ from fleetbus.scope import Scope, parse_scope
 
 if TYPE_CHECKING:
     from fleetbus.broker.server import Broker
+    from fleetbus.broker.store import Store
 
 MAX_QUERY_LIMIT = 10_000
 MAX_SEARCH_LEN = 1024
@@ -57,17 +58,26 @@ _TABLES = (
     "CREATE INDEX IF NOT EXISTS facts_seen_fact ON facts_seen (repo, id)",
 )
 _FTS = "CREATE VIRTUAL TABLE IF NOT EXISTS facts_fts USING fts5(text)"
+# Indexing by trigger lets new facts be written with one executemany.
+_FTS_TRIGGER = """CREATE TRIGGER IF NOT EXISTS facts_fts_insert AFTER INSERT ON facts
+    BEGIN INSERT INTO facts_fts (rowid, text) VALUES (new.n, new.text); END"""
+_SAVE = (
+    "INSERT INTO facts (repo, id, body, text) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (repo, id) DO UPDATE SET body = excluded.body"
+)
 
 
 class FactStore:
     """The facts, their full-text index and the ``seen`` marks, in SQLite.
 
-    Uses the broker store's connection, inside the broker's transaction.
+    Uses the broker store's connection, inside the broker's transaction;
+    facts and ``seen`` marks are written as deferred rows of the batch.
     Full-text search uses FTS5 when SQLite has it, else ``LIKE``.
     """
 
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.db = db = store.db
         for statement in _TABLES:
             db.execute(statement)
         try:
@@ -76,9 +86,11 @@ class FactStore:
             self.fts = False
         else:
             self.fts = True
+            db.execute(_FTS_TRIGGER)
 
     def load(self) -> dict[str, list[Fact]]:
         """Every stored fact, by repository, in publication order."""
+        self.store.flush()
         out: dict[str, list[Fact]] = {}
         rows = self.db.execute("SELECT repo, body FROM facts ORDER BY n")
         for repo, body in rows:
@@ -89,24 +101,11 @@ class FactStore:
         """Write new facts and the new state of changed ones."""
         for fact in facts:
             body = wire.encode(fact.to_wire())
-            row = self.db.execute(
-                "SELECT n FROM facts WHERE repo = ? AND id = ?", (repo, fact.id)
-            ).fetchone()
-            if row is not None:
-                self.db.execute("UPDATE facts SET body = ? WHERE n = ?", (body, row[0]))
-                continue
-            cursor = self.db.execute(
-                "INSERT INTO facts (repo, id, body, text) VALUES (?, ?, ?, ?)",
-                (repo, fact.id, body, fact.body),
-            )
-            if self.fts:
-                self.db.execute(
-                    "INSERT INTO facts_fts (rowid, text) VALUES (?, ?)",
-                    (cursor.lastrowid, fact.body),
-                )
+            self.store.defer(_SAVE, (repo, fact.id, body, fact.body))
 
     def delete(self, repo: str, ids: Iterable[str]) -> None:
         """Forget facts, their index entries and who has seen them."""
+        self.store.flush()
         for fact_id in ids:
             row = self.db.execute(
                 "SELECT n FROM facts WHERE repo = ? AND id = ?", (repo, fact_id)
@@ -129,6 +128,7 @@ class FactStore:
         words = text.split()
         if not words:
             return set()
+        self.store.flush()
         if self.fts:
             query = " ".join('"' + word.replace('"', '""') + '"*' for word in words)
             rows = self.db.execute(
@@ -146,6 +146,7 @@ class FactStore:
 
     def seen(self, sid: str, repo: str) -> set[str]:
         """Ids of the facts of ``repo`` that session ``sid`` has been shown."""
+        self.store.flush()
         rows = self.db.execute(
             "SELECT id FROM facts_seen WHERE sid = ? AND repo = ?", (sid, repo)
         )
@@ -153,10 +154,11 @@ class FactStore:
 
     def mark_seen(self, sid: str, repo: str, ids: Iterable[str], at: float) -> None:
         """Record that session ``sid`` has been shown these facts."""
-        self.db.executemany(
-            "INSERT OR IGNORE INTO facts_seen VALUES (?, ?, ?, ?)",
-            [(sid, repo, fact_id, at) for fact_id in ids],
-        )
+        for fact_id in ids:
+            self.store.defer(
+                "INSERT OR IGNORE INTO facts_seen VALUES (?, ?, ?, ?)",
+                (sid, repo, fact_id, at),
+            )
 
 
 def _escape_like(word: str) -> str:
@@ -191,7 +193,7 @@ class FactService:
     def restore(self) -> None:
         """Load the stored facts onto the broker's freshly restored sequences."""
         assert self.broker.store is not None
-        self.store = FactStore(self.broker.store.db)
+        self.store = FactStore(self.broker.store)
         self.tables.clear()
         for repo, facts in self.store.load().items():
             self._table(repo).restore(facts)

@@ -20,15 +20,20 @@ import orjson
 from fleetbus.claims import Claim, SessionInfo
 from fleetbus.errors import FleetbusError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS repos (
     repo TEXT PRIMARY KEY,
-    seq INTEGER NOT NULL,
-    heads BLOB NOT NULL
+    seq INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS heads (
+    repo TEXT NOT NULL,
+    stream TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (repo, stream)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sessions (
     sid TEXT PRIMARY KEY,
     repo TEXT NOT NULL,
@@ -87,6 +92,7 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open store {path}: {exc}") from exc
         self._in_tx = False
+        self._deferred: dict[str, list[tuple[Any, ...]]] = {}
 
     def _check_version(self) -> None:
         row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
@@ -94,10 +100,35 @@ class Store:
             self.db.execute(
                 "INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
             )
+        elif int(row[0]) == 1:
+            self._migrate_heads()
         elif int(row[0]) != SCHEMA_VERSION:
             raise StoreError(
                 f"store {self.path} has schema {row[0]}, expected {SCHEMA_VERSION}"
             )
+
+    def _migrate_heads(self) -> None:
+        """Schema 1 kept each repository's stream heads as one JSON map."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for repo, heads in self.db.execute(
+                "SELECT repo, heads FROM repos"
+            ).fetchall():
+                self.db.executemany(
+                    "INSERT OR REPLACE INTO heads VALUES (?, ?, ?)",
+                    [
+                        (repo, stream, seq)
+                        for stream, seq in orjson.loads(heads).items()
+                    ],
+                )
+            self.db.execute("ALTER TABLE repos DROP COLUMN heads")
+            self.db.execute(
+                "UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),)
+            )
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
 
     def close(self) -> None:
         """Close the database."""
@@ -115,8 +146,10 @@ class Store:
     def load(self) -> dict[str, RepoState]:
         """Every repository's sequence, sessions and claims."""
         repos: dict[str, RepoState] = {}
-        for repo, seq, heads in self.db.execute("SELECT repo, seq, heads FROM repos"):
-            repos[repo] = RepoState(seq=seq, heads=orjson.loads(heads))
+        for repo, seq in self.db.execute("SELECT repo, seq FROM repos"):
+            repos[repo] = RepoState(seq=seq)
+        for repo, stream, seq in self.db.execute("SELECT repo, stream, seq FROM heads"):
+            repos.setdefault(repo, RepoState()).heads[stream] = seq
         for repo, body in self.db.execute("SELECT repo, body FROM sessions"):
             state = repos.setdefault(repo, RepoState())
             state.sessions.append(SessionInfo.from_wire(orjson.loads(body)))
@@ -127,6 +160,7 @@ class Store:
 
     def load_requests(self, since: float) -> dict[tuple[str, str], bytes]:
         """Replies to mutating requests recorded after ``since`` (wall time)."""
+        self.flush()
         rows = self.db.execute(
             "SELECT sid, rid, reply FROM requests WHERE at >= ?", (since,)
         )
@@ -138,34 +172,54 @@ class Store:
             self.db.execute("BEGIN IMMEDIATE")
             self._in_tx = True
 
+    def defer(self, sql: str, row: tuple[Any, ...]) -> None:
+        """Write ``row`` with ``sql`` in this batch, at the latest on commit.
+
+        Rows of one statement are written together with ``executemany``,
+        which costs far less per row than one ``execute`` each. Statements go
+        in the order first deferred, so deferred writes must not depend on one
+        another; :meth:`flush` before reading or changing what they write.
+        """
+        self.begin()
+        self._deferred.setdefault(sql, []).append(row)
+
+    def flush(self) -> None:
+        """Write the deferred rows now, inside the batch's transaction."""
+        deferred, self._deferred = self._deferred, {}
+        for sql, rows in deferred.items():
+            self.db.executemany(sql, rows)
+
     def commit(self) -> None:
         """Commit the batch; nothing is acknowledged before this returns."""
         if self._in_tx:
+            self.flush()
             self._in_tx = False
             self.db.execute("COMMIT")
 
     def rollback(self) -> None:
         """Drop the batch's writes."""
+        self._deferred.clear()
         if self._in_tx:
             self._in_tx = False
             self.db.execute("ROLLBACK")
 
-    def save_sequence(self, repo: str, seq: int, heads: dict[str, int]) -> None:
-        """Record a repository's sequence and stream heads."""
-        self.db.execute(
-            "INSERT OR REPLACE INTO repos VALUES (?, ?, ?)",
-            (repo, seq, orjson.dumps(heads)),
+    def save_sequence(self, repo: str, seq: int, changed: dict[str, int]) -> None:
+        """Record a repository's sequence and the stream heads that moved."""
+        self.db.execute("INSERT OR REPLACE INTO repos VALUES (?, ?)", (repo, seq))
+        self.db.executemany(
+            "INSERT OR REPLACE INTO heads VALUES (?, ?, ?)",
+            [(repo, stream, head) for stream, head in changed.items()],
         )
 
     def record_request(self, sid: str, rid: str, at: float, reply: bytes) -> None:
         """Remember the reply to a mutating request, for retries."""
-        self.db.execute(
-            "INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?)",
-            (sid, rid, at, reply),
+        self.defer(
+            "INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?)", (sid, rid, at, reply)
         )
 
     def prune_requests(self, before: float) -> None:
         """Forget replies older than ``before``."""
+        self.flush()
         self.db.execute("DELETE FROM requests WHERE at < ?", (before,))
 
     def apply_claim_events(self, repo: str, events: Iterable[dict[str, Any]]) -> None:
