@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from fleetbus import log, wire
 from fleetbus.claims import Claim, ClaimView, SessionInfo
 from fleetbus.client.facts import FactsMixin, SyncFactsMixin, queue_stream
+from fleetbus.client.overlay import OwnChanges
 from fleetbus.client.transport import Transport, open_transport
 from fleetbus.errors import (
     BadInput,
@@ -141,6 +142,7 @@ class AsyncSession(FactsMixin):
         self.url = transport.url
         self._replica = replica
         self._view = ClaimView()
+        self._own = OwnChanges()
         self._view_lock = threading.Lock()
         self._applied = 0
         self._syncing = True
@@ -304,7 +306,9 @@ class AsyncSession(FactsMixin):
             fence=int(reply["fence"]),
             claims=[Claim.from_wire(row) for row in reply.get("claims", [])],
         )
-        await self._settle(grant.fence)
+        if self._replica:
+            with self._view_lock:
+                self._own.granted(grant.claims, self._applied)
         return grant
 
     async def _withdraw(self, rid: str) -> None:
@@ -356,10 +360,10 @@ class AsyncSession(FactsMixin):
             raise BadInput("say what to release: scopes, a grant, or all")
         reply = await self._request("release", **fields)
         released = [str(i) for i in reply.get("released", [])]
-        if isinstance(reply.get("seq"), int):
-            await self._settle(reply["seq"])
-        elif released:
-            await self._settle_released(released)
+        if self._replica and released:
+            with self._view_lock:
+                self._own.released(released, self._view)
+                self._own.prune(self._view, self._applied)
         return released
 
     async def renew(self, grant: str, ttl: float) -> None:
@@ -375,12 +379,15 @@ class AsyncSession(FactsMixin):
         return await self._request("status", repo=self.repo.id)
 
     # -- the local replica ----------------------------------------------------
+    #
+    # Reads merge the session's own changes known from replies (OwnChanges)
+    # until their events reach the replica: read-your-writes without a wait.
 
     def holders(self, path: str) -> list[Claim]:
         """The claims whose scope matches ``path``, from the local replica."""
         target = repo_path(path, self.repo)
         with self._view_lock:
-            return list(self._view.holders(target))
+            return self._own.merge(list(self._view.holders(target)), target)
 
     def may_edit(self, path: str) -> bool:
         """Whether this session may edit ``path``, from the local replica."""
@@ -391,7 +398,7 @@ class AsyncSession(FactsMixin):
     def claims(self, *, mine: bool = False) -> list[Claim]:
         """Every claim in the replica, or only this session's."""
         with self._view_lock:
-            return list(self._view.claims(self.sid if mine else None))
+            return self._own.merge(list(self._view.claims(self.sid if mine else None)))
 
     @property
     def sessions(self) -> dict[str, SessionInfo]:
@@ -451,32 +458,6 @@ class AsyncSession(FactsMixin):
             finally:
                 with contextlib.suppress(ValueError):
                     self._synced_waiters.remove(waiter)
-
-    async def _settle(self, seq: int | None) -> None:
-        """Let the replica catch up with our own change, so reads see it."""
-        if not self._replica or self._closed:
-            return
-        try:
-            await self.wait_synced(seq)
-        except TimedOut:
-            _log().warning("replica.lagging", sid=self.sid, seq=seq)
-
-    async def _settle_released(self, ids: list[str]) -> None:
-        """Let the replica apply our release of ``ids``, so reads see it.
-
-        Claim ids are never reused, so once the replica no longer holds them
-        the release is applied: no round trip to learn the broker's head.
-        """
-        if not self._replica or self._closed:
-            return
-        try:
-            await self._wait_replica(
-                lambda: all(self._view.get(cid) is None for cid in ids),
-                self.timeout,
-                lambda: "the replica did not apply the release in time",
-            )
-        except TimedOut:
-            _log().warning("replica.lagging", sid=self.sid, released=ids)
 
     def _wake_synced(self) -> None:
         for waiter in self._synced_waiters:
@@ -705,7 +686,8 @@ class AsyncSession(FactsMixin):
         self._synced_once = True
         with self._view_lock:
             self._view.load(snapshot)
-        self._applied = int(snapshot["head"])
+            self._applied = int(snapshot["head"])
+            self._own.prune(self._view, self._applied)
         self._syncing = False
         buffered, self._buffer = self._buffer, []
         for event in buffered:
@@ -754,7 +736,9 @@ class AsyncSession(FactsMixin):
             return False
         with self._view_lock:
             self._view.apply(event)
-        self._applied = seq
+            self._applied = seq
+            if self._own:
+                self._own.prune(self._view, seq)
         self._wake_synced()
         self._emit(event)
         return True
