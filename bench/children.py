@@ -125,16 +125,16 @@ def _count_burst(
                     frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                kind = mark(frames)
-                if kind == b"d":
-                    if not received:
-                        first = time.monotonic()
-                    received += 1
-                elif kind == b"w":
-                    warm.add(key)
-                elif kind == b"e":
-                    ended.add(key)
-                    last = time.monotonic()
+                for kind in [mark([frame]) for frame in frames[1:]]:
+                    if kind == b"d":
+                        if not received:
+                            first = time.monotonic()
+                        received += 1
+                    elif kind == b"w":
+                        warm.add(key)
+                    elif kind == b"e":
+                        ended.add(key)
+                        last = time.monotonic()
         if not said_ready and len(warm) == len(socks):
             said_ready = True
             say(ready=True)

@@ -351,8 +351,8 @@ class Broker:
             self.router.send_multipart([ident, body])
         self._outbox.clear()
         self._failpoint("after_reply")
-        for topic, event in self._events:
-            self.pub.send_multipart([topic, wire.encode(event)])
+        for frames in _by_topic(self._events):
+            self.pub.send_multipart(frames)
         self.metrics.sent(self._events)
         self._events.clear()
         self._failpoints |= self._arming
@@ -908,6 +908,20 @@ def _granted(known: tuple[float, bytes] | None) -> str | None:
     reply = wire.decode(known[1], limit=wire.MAX_BROKER_MESSAGE_BYTES)
     grant = reply.get("grant") if reply.get("ok") else None
     return grant if isinstance(grant, str) else None
+
+
+def _by_topic(events: list[tuple[bytes, dict[str, Any]]]) -> list[list[bytes]]:
+    """The batch's events as messages: each run on one topic in one message.
+
+    A subscriber then decodes several events per receive, and the publisher
+    copies one message, not one per event, to each subscriber's pipe.
+    """
+    messages: list[list[bytes]] = []
+    for topic, event in events:
+        if not messages or messages[-1][0] != topic:
+            messages.append([topic])
+        messages[-1].append(wire.encode(event))
+    return messages
 
 
 def _empty_snapshot() -> dict[str, Any]:

@@ -172,9 +172,16 @@ def _drain(sock: zmq.Socket[Any], *, topic: bool) -> list[Event]:
             frames = sock.recv_multipart(zmq.NOBLOCK)
         except zmq.Again:
             break
-        body = _decode(frames)
-        if body is not None:
-            out.append((frames[0] if topic and len(frames) > 1 else b"", body))
+        if not topic:
+            body = _decode(frames)
+            if body is not None:
+                out.append((b"", body))
+            continue
+        # An event message is a topic and one event frame per event.
+        for frame in frames[1:]:
+            event = _decode([frame])
+            if event is not None:
+                out.append((frames[0], event))
     return out
 
 

@@ -113,12 +113,11 @@ class Link:
                 frames = self.sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return out
-            if len(frames) != 2:
-                continue
-            try:
-                out.append((frames[0], wire.decode(frames[1])))
-            except FleetbusError:
-                continue
+            for frame in frames[1:]:
+                try:
+                    out.append((frames[0], wire.decode(frame)))
+                except FleetbusError:
+                    continue
 
 
 def repo_topics(repo: str | None) -> list[bytes]:
