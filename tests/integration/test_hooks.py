@@ -9,11 +9,15 @@ reaps every agent and sidecar it started.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -927,3 +931,346 @@ def _cmdline(pid: int) -> str:
 
 def _read(path: Path) -> str:
     return path.read_text(errors="replace")
+
+
+# -- the short way: a running sidecar answers the hook's raw event ---------------
+
+# What a hook answered by its sidecar may import beyond a bare interpreter.
+FAST_IMPORTS = {
+    "fleetbus",
+    "fleetbus.entry",
+    "fleetbus.agents",
+    "fleetbus.agents.hookclient",
+    "_socket",
+    "_sha256",
+    "_sha2",
+}
+NEVER_FAST = (
+    "json",
+    "re",
+    "enum",
+    "typing",
+    "__future__",
+    "fleetbus.agents.hooks",
+    *HEAVY,
+)
+_AGE = re.compile(rb"\(\d+ (s|min) ago\)")
+
+
+@dataclass
+class Run:
+    """One hook process: exit status, raw stdout, its own stderr, its imports."""
+
+    code: int
+    out: bytes
+    err: str
+    modules: set[str]
+
+    @property
+    def fast(self) -> bool:
+        """Whether the sidecar answered the raw event (the full hook never ran)."""
+        return "fleetbus.agents.hooks" not in self.modules
+
+
+def imported(stderr: str) -> tuple[set[str], str]:
+    """The modules ``-X importtime`` reported, and the rest of stderr."""
+    modules, rest = set(), []
+    for line in stderr.splitlines():
+        if line.startswith("import time:"):
+            modules.add(line.split("|")[-1].strip())
+        else:
+            rest.append(line)
+    return modules, "\n".join(rest)
+
+
+@functools.cache
+def bare_imports() -> frozenset[str]:
+    """What ``python -c pass`` imports here (site, encodings, .pth hooks)."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", "pass"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return frozenset(imported(done.stderr)[0])
+
+
+def run(
+    bench: Bench,
+    argv: list[str],
+    event: dict[str, Any] | str,
+    agent: Agent,
+    **extra: str,
+) -> Run:
+    """Run a hook command under ``-X importtime`` with ``event`` on stdin."""
+    data = event if isinstance(event, str) else json.dumps(event)
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", *argv],
+        input=data.encode(),
+        capture_output=True,
+        env=bench.env(agent, **extra),
+        cwd=bench.repo,
+        timeout=60,
+        check=False,
+    )
+    modules, err = imported(done.stderr.decode())
+    return Run(done.returncode, done.stdout, err, modules - bare_imports())
+
+
+def fleetbus_hook(
+    bench: Bench, name: str, event: dict[str, Any] | str, agent: Agent, **extra: str
+) -> Run:
+    """``fleetbus hook NAME``, as the installer writes it."""
+    fleetbus = str(Path(sys.executable).parent / "fleetbus")
+    return run(bench, [fleetbus, "hook", name], event, agent, **extra)
+
+
+def full_hook(
+    bench: Bench, name: str, event: dict[str, Any] | str, agent: Agent, **extra: str
+) -> Run:
+    """The full hook, which never hands the event to the sidecar."""
+    return run(bench, ["-m", "fleetbus.agents.hooks", name], event, agent, **extra)
+
+
+def same_answer(fast: Run, full: Run) -> bool:
+    """Whether two runs wrote the same bytes, but for ages that move with the
+    clock ("3 s ago")."""
+    return (fast.code, _AGE.sub(b"(age)", fast.out)) == (
+        full.code,
+        _AGE.sub(b"(age)", full.out),
+    )
+
+
+def edit_event(agent: Agent, bench: Bench, path: str) -> dict[str, Any]:
+    """Claude Code's PreToolUse for an Edit of ``path`` by ``agent``."""
+    return claude_event(
+        agent.sid, str(bench.repo), "PreToolUse", "Edit", {"file_path": path}
+    )
+
+
+def gemini_write(agent: Agent, bench: Bench, path: str) -> dict[str, Any]:
+    """Gemini CLI's BeforeTool for a write_file of ``path``."""
+    return {
+        "session_id": agent.sid,
+        "cwd": str(bench.repo),
+        "hook_event_name": "BeforeTool",
+        "tool_name": "write_file",
+        "tool_input": {"file_path": path, "content": "x"},
+    }
+
+
+def codex_patch(agent: Agent, bench: Bench) -> dict[str, Any]:
+    """Codex's PreToolUse for an apply_patch of :data:`PATCH`."""
+    return {
+        "session_id": agent.sid,
+        "cwd": str(bench.repo),
+        "hook_event_name": "PreToolUse",
+        "tool_name": "apply_patch",
+        "tool_input": {"command": PATCH},
+    }
+
+
+def test_answered_by_the_sidecar_a_hook_imports_only_socket_and_hash(
+    bench: Bench,
+) -> None:
+    """With the sidecar up, an edit's hook loads no json, re, typing or hooks."""
+    a = bench.agent("sess-a")
+    bench.edit(a, str(bench.repo / "a.py"))
+
+    held = fleetbus_hook(bench, "claude-code", edit_event(a, bench, "a.py"), a)
+
+    assert (held.code, held.out, held.err) == (0, b"", "")
+    assert "fleetbus.agents.hookclient" in held.modules
+    assert held.modules <= FAST_IMPORTS
+    assert {m for m in held.modules if m.startswith(NEVER_FAST)} == set()
+
+
+def test_the_first_hook_of_a_session_takes_the_full_way(bench: Bench) -> None:
+    """No sidecar yet: the full hook starts one; the next hook goes short."""
+    a = bench.agent("sess-a")
+    event = edit_event(a, bench, "a.py")
+
+    first = fleetbus_hook(bench, "claude-code", event, a)
+    second = fleetbus_hook(bench, "claude-code", event, a)
+
+    assert (first.code, first.out, first.fast) == (0, b"", False)
+    assert (second.code, second.out, second.fast) == (0, b"", True)
+    assert bench.held_by("sess-a") == ["a.py"]
+
+
+def test_short_and_full_ways_deny_in_the_same_bytes(bench: Bench) -> None:
+    """Claude Code, Codex and Gemini CLI denials are byte for byte the same."""
+    a, b = bench.agent("sess-a"), bench.agent("sess-b")
+    cx, ga, gb = bench.agent("codex-x"), bench.agent("gem-a"), bench.agent("gem-b")
+    bench.edit(a, str(bench.repo / "a.py"))
+    bench.hook("gemini", gemini_write(ga, bench, "b.py"), ga)
+    for agent, name, event in [
+        (b, "claude-code", edit_event(b, bench, str(bench.root / "elsewhere.py"))),
+        (cx, "codex", codex_patch(cx, bench)),
+        (gb, "gemini", gemini_write(gb, bench, "a.py")),
+    ]:
+        full_hook(bench, name, event, agent)  # starts the sidecar
+
+    for agent, name, event in [
+        (b, "claude-code", edit_event(b, bench, "a.py")),
+        (cx, "codex", codex_patch(cx, bench)),
+        (gb, "gemini", gemini_write(gb, bench, "b.py")),
+    ]:
+        fast = fleetbus_hook(bench, name, event, agent)
+        full = full_hook(bench, name, event, agent)
+
+        assert fast.fast, (name, fast.err)
+        assert b'"deny"' in fast.out, (name, fast.out, fast.err)
+        assert same_answer(fast, full), (fast.out, full.out)
+
+
+def test_short_and_full_ways_claim_with_facts_in_the_same_bytes(
+    bench: Bench,
+) -> None:
+    """An auto-claim bringing a fact, and Gemini CLI's {}, are the same bytes."""
+    a, b, c = bench.agent("sess-a"), bench.agent("sess-b"), bench.agent("sess-c")
+    ga, gb = bench.agent("gem-a"), bench.agent("gem-b")
+    bench.edit(a, str(bench.repo / "a.py"))
+    bench.edit(b, str(bench.root / "elsewhere.py"))
+    bench.hook("gemini", gemini_write(ga, bench, str(bench.root / "x.py")), ga)
+    bench.call(
+        a,
+        {
+            "op": "publish",
+            "topics": ["b.py", "src/c.py"],
+            "text": "generated; edit gen.py instead",
+            "kind": "gotcha",
+        },
+    )
+
+    fast = fleetbus_hook(bench, "claude-code", edit_event(b, bench, "b.py"), b)
+    full = full_hook(bench, "claude-code", edit_event(c, bench, "src/c.py"), c)
+    gemini_fast = fleetbus_hook(bench, "gemini", gemini_write(ga, bench, "g.py"), ga)
+    gemini_full = full_hook(bench, "gemini", gemini_write(gb, bench, "src/x.py"), gb)
+
+    assert fast.fast
+    assert b"[gotcha] b.py, src/c.py: generated" in fast.out
+    assert same_answer(fast, full), (fast.out, full.out)
+    assert bench.held_by("sess-b") == ["b.py"]
+    assert bench.held_by("sess-c") == ["src/c.py"]
+    assert gemini_fast.fast
+    assert (gemini_fast.out, gemini_full.out) == (b"{}\n", b"{}\n")
+
+
+def test_short_and_full_ways_stay_quiet_alike(bench: Bench) -> None:
+    """A held file, a path outside the repo, a read, Gemini's no-op: same bytes."""
+    a, g = bench.agent("sess-a"), bench.agent("gem-g")
+    bench.edit(a, str(bench.repo / "a.py"))
+    bench.hook("gemini", gemini_write(g, bench, "b.py"), g)
+    read = claude_event(
+        a.sid, str(bench.repo), "PreToolUse", "Read", {"file_path": "a.py"}
+    )
+    gemini_read = {**gemini_write(g, bench, "b.py"), "tool_name": "read_file"}
+    cases: list[tuple[Agent, str, dict[str, Any]]] = [
+        (a, "claude-code", edit_event(a, bench, "a.py")),
+        (a, "claude-code", edit_event(a, bench, str(bench.root / "out.py"))),
+        (a, "claude-code", read),
+        (g, "gemini", gemini_write(g, bench, "b.py")),
+        (g, "gemini", gemini_read),
+    ]
+
+    for agent, name, event in cases:
+        fast = fleetbus_hook(bench, name, event, agent)
+        full = full_hook(bench, name, event, agent)
+
+        assert fast.fast, (event, fast.err)
+        assert fast.out == full.out == (b"{}\n" if name == "gemini" else b"")
+        assert (fast.code, fast.err) == (full.code, full.err) == (0, "")
+
+
+def test_malformed_events_are_left_to_the_full_hook(bench: Bench) -> None:
+    """With a sidecar up, malformed input still gets its one line on stderr."""
+    a = bench.agent("sess-a")
+    bench.edit(a, str(bench.repo / "a.py"))
+    no_path = claude_event(a.sid, str(bench.repo), "PreToolUse", "Edit", {})
+    cut = json.dumps(edit_event(a, bench, "a.py"))[:-1]
+
+    for event in (no_path, cut):
+        fast = fleetbus_hook(bench, "claude-code", event, a)
+        full = full_hook(bench, "claude-code", event, a)
+
+        assert not fast.fast
+        assert (fast.code, fast.out) == (full.code, full.out) == (1, b"")
+        assert fast.err == full.err
+        assert "malformed" in fast.err
+
+
+def test_an_event_the_plain_reading_gets_wrong_is_left_to_the_full_hook(
+    bench: Bench,
+) -> None:
+    """A nested session_id leads to another session's sidecar, which declines."""
+    a, b = bench.agent("sess-a"), bench.agent("sess-b")
+    bench.edit(a, str(bench.repo / "a.py"))
+    event = (
+        '{"tool_input": {"session_id": "sess-a", "file_path": "b.py"}, '
+        f'"session_id": "sess-b", "cwd": {json.dumps(str(bench.repo))}, '
+        '"hook_event_name": "PreToolUse", "tool_name": "Edit"}'
+    )
+
+    hooked = fleetbus_hook(bench, "claude-code", event, b)
+
+    assert (hooked.code, hooked.out, hooked.fast) == (0, b"", False)
+    assert bench.held_by("sess-a") == ["a.py"]
+    assert bench.held_by("sess-b") == ["b.py"]
+
+
+class OldSidecar:
+    """A sidecar from before the short way: JSON lines only, on a thread.
+
+    It answers any pre_edit as a claim of nothing and anything that is not
+    JSON as the error the old sidecar sent, and records every request line.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.lines: list[bytes] = []
+        self.server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.server.bind(path)
+        self.server.listen(8)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn, conn.makefile("rb") as stream:
+                line = stream.readline()
+                if line:
+                    self.lines.append(line)
+                    conn.sendall(self._reply(line))
+
+    def _reply(self, line: bytes) -> bytes:
+        try:
+            json.loads(line)
+        except ValueError:
+            error = {"code": "protocol", "message": "a request is one line of JSON"}
+            return json.dumps({"ok": False, "error": error}).encode() + b"\n"
+        reply = {"ok": True, "inside": ["a.py"], "deny": False, "holders": []}
+        return json.dumps({**reply, "claimed": ["a.py"], "facts": []}).encode() + b"\n"
+
+    def close(self) -> None:
+        """Stop serving and wait for the thread."""
+        self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+        self.thread.join(DEADLINE_S)
+
+
+def test_an_older_sidecar_gets_the_full_hook(bench: Bench) -> None:
+    """A sidecar that knows only JSON lines: the hook falls back and is answered."""
+    a = bench.agent("sess-old")
+    old = OldSidecar(hookclient.sidecar_file(a.sid, ".sock"))
+    try:
+        hooked = fleetbus_hook(bench, "claude-code", edit_event(a, bench, "a.py"), a)
+    finally:
+        old.close()
+
+    assert (hooked.code, hooked.out, hooked.err, hooked.fast) == (0, b"", "", False)
+    assert old.lines[0].startswith(b"fleetbus-hook/1 claude-code ")
+    assert json.loads(old.lines[-1])["op"] == "pre_edit"

@@ -521,3 +521,76 @@ def test_session_from_ancestry_finds_the_sidecar_of_an_ancestor_agent(
 
     assert (mine, from_child, unrelated) == ("codex-1", "codex-1", None)
     assert hookclient.session_from_ancestry(start=os.getpid()) is None
+
+
+# -- the hook's short way ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "found"),
+    [
+        (b'{"session_id": "3f2a-9c1e", "cwd": "/r"}', "3f2a-9c1e"),
+        (b'{"cwd":"/r","session_id"\n :\t"s 1"}', "s 1"),
+        (b'{"cwd": "/r"}', ""),
+        (b'{"session_id": ""}', ""),
+        (b'{"session_id": "s\\u0031"}', None),
+        (b'{"session_id": "s\\"1"}', None),
+        (b'{"session_id": null}', None),
+        (b'{"session_id": 12}', None),
+        ('{"session_id": "s\u00e9"}'.encode(), None),
+        (b'{"session_id": "s\t1"}', None),
+        (b'{"session_id": "s1', None),
+        (b'{"x": "session_id"}', None),
+        (b'{"x": "a \\"session_id\\": \\"s2\\""}', ""),
+    ],
+)
+def test_session_id_read_as_plain_text(data: bytes, found: str | None) -> None:
+    """The event's session_id without JSON: "" when absent, None when unsure."""
+    assert hookclient.session_in(data) == found
+
+
+def test_hook_session_follows_each_agent_s_order() -> None:
+    """Claude Code: event, then env; Gemini CLI: env, then event; Codex: event."""
+    event = b'{"session_id": "ev"}'
+    bare = b'{"cwd": "/r"}'
+    escaped = b'{"session_id": "e\\u0076"}'
+    claude_env = {"CLAUDE_CODE_SESSION_ID": "cl"}
+    gemini_env = {"GEMINI_SESSION_ID": "gm"}
+
+    assert hookclient.hook_session("claude-code", event, claude_env) == "ev"
+    assert hookclient.hook_session("claude-code", bare, claude_env) == "cl"
+    assert hookclient.hook_session("claude-code", escaped, claude_env) is None
+    assert hookclient.hook_session("gemini", event, gemini_env) == "gm"
+    assert hookclient.hook_session("gemini", event, {}) == "ev"
+    assert hookclient.hook_session("codex", event, claude_env) == "ev"
+    assert hookclient.hook_session("codex", bare, claude_env) is None
+    assert hookclient.hook_session("cursor", event, {}) is None
+
+
+def test_hook_frames_round_trip_and_reject_other_replies() -> None:
+    """A hook reply reads back; a declined, old-style or cut reply reads as None."""
+    out = b'{"decision": "deny"}\n'
+    reply = hookclient.hook_reply((0, out))
+    request = b"fleetbus-hook/1 gemini 21 300\n"
+
+    assert hookclient.read_hook_reply(reply) == (0, out)
+    assert hookclient.read_hook_reply(hookclient.hook_reply((0, b""))) == (0, b"")
+    assert hookclient.read_hook_reply(hookclient.hook_reply(None)) is None
+    assert hookclient.read_hook_reply(reply[:-1]) is None
+    assert hookclient.read_hook_reply(b'{"ok": false, "error": {}}\n') is None
+    assert hookclient.read_hook_reply(b"") is None
+    assert hookclient.read_hook_request(request) == ("gemini", 21, 300)
+    assert hookclient.read_hook_request(b'{"op": "ping"}\n') is None
+    assert hookclient.read_hook_env(
+        b"FLEETBUS_FAIL=closed\0GEMINI_SESSION_ID=a=b\0"
+    ) == {
+        "FLEETBUS_FAIL": "closed",
+        "GEMINI_SESSION_ID": "a=b",
+    }
+
+
+def test_the_sidecar_s_answer_is_what_the_hook_writes() -> None:
+    """answer_text is the hook's stdout: a JSON line, or nothing at all."""
+    assert hooks.answer_text(None) == ""
+    assert hooks.answer_text({}) == "{}\n"
+    assert hooks.answer_text({"a": "é"}) == '{"a": "\\u00e9"}\n'

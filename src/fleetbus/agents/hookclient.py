@@ -7,6 +7,11 @@ should pay for joining the fleet, so each agent session has a *sidecar*
 talk to it over a unix socket in the private runtime directory: one JSON line
 in, one JSON line out.
 
+A hook whose session's sidecar already runs takes a shorter way still
+(:func:`hook`): it hands the sidecar the agent's event as it came, framed
+without JSON, and writes back the answer the sidecar rendered, so that the
+hook process imports nothing beyond this module, ``_socket`` and ``_sha256``.
+
 This module imports only the standard library (and fleetbus modules that do
 the same), because it sits on the path of every hook.
 
@@ -19,26 +24,31 @@ Files of one sidecar, all named by a hash of the agent's session id
 - ``.log``: its output.
 """
 
-from __future__ import annotations
-
-# Every import here costs each hook run, so this module keeps to the cheapest:
-# ``_socket`` and ``_sha256`` are what ``socket`` and ``hashlib`` wrap, without
-# their enum tables and OpenSSL load; fleetbus.errors (and with it ``typing``)
-# and ``subprocess`` are imported only on the paths that need them.
+# Every import here costs each hook run, so this module keeps to modules the
+# interpreter has loaded at start-up (``os``, ``sys``, ``time``) and to
+# ``_socket`` and ``_sha256``, what ``socket`` and ``hashlib`` wrap without
+# their enum tables and OpenSSL load. ``json``, fleetbus.errors (and with it
+# ``typing``) and ``subprocess`` are imported only on the paths that need them;
+# for the same reason there is no ``from __future__ import annotations``
+# (it imports ``__future__``), and annotations naming typing-only types are
+# strings.
 import _socket
-import json
 import os
 import sys
 import time
 
 try:
     from _sha256 import sha256  # type: ignore[import-not-found,unused-ignore]
-except ImportError:  # Python 3.12 renamed it.
-    from hashlib import sha256
+except ImportError:  # Python 3.12 renamed it _sha2.
+    try:
+        from _sha2 import sha256  # type: ignore[import-not-found,no-redef,unused-ignore]
+    except ImportError:
+        from hashlib import sha256  # type: ignore[assignment,unused-ignore]
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import subprocess
+    from collections.abc import Mapping
     from typing import Any
 
 AGENT_PID_ENV = "FLEETBUS_AGENT_PID"
@@ -94,8 +104,8 @@ def session_from_env(env: dict[str, str] | None = None) -> str | None:
 
 
 def call_sidecar(
-    session_id: str, request: dict[str, Any], *, timeout: float = CALL_TIMEOUT_S
-) -> dict[str, Any]:
+    session_id: str, request: "dict[str, Any]", *, timeout: float = CALL_TIMEOUT_S
+) -> "dict[str, Any]":
     """Send ``request`` to the sidecar of ``session_id`` and return its reply.
 
     Raises :class:`~fleetbus.errors.BrokerUnavailable` when no sidecar listens
@@ -103,6 +113,8 @@ def call_sidecar(
     :class:`~fleetbus.errors.FleetbusError` when it answers with an error (a
     refused claim, an unreachable broker).
     """
+    import json
+
     path = sidecar_file(session_id, ".sock")
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
@@ -207,7 +219,7 @@ def ensure_sidecar(
 
 def _spawn(
     session_id: str, *, agent: str, cwd: str, agent_pid: int
-) -> subprocess.Popen[bytes]:
+) -> "subprocess.Popen[bytes]":
     import subprocess
 
     command = [
@@ -351,3 +363,199 @@ def sidecar_pid(session_id: str) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+# -- the hook's short way ---------------------------------------------------------
+
+HOOK_MAGIC = b"fleetbus-hook/1"
+"""The first word of a hook request to a sidecar, and of the reply."""
+
+HOOK_ENVS = (
+    "CLAUDE_CODE_SESSION_ID",
+    "GEMINI_SESSION_ID",
+    "FLEETBUS_AUTOCLAIM",
+    "FLEETBUS_FAIL",
+)
+"""The environment variables a hook's answer depends on, passed to the sidecar."""
+
+HOOK_DECLINED = HOOK_MAGIC + b" -\n"
+"""The sidecar's reply when the hook must answer the event itself."""
+
+_EVENT = ""
+# Where each agent's hook finds its session, in order: the event's
+# ``session_id`` (_EVENT) or an environment variable, as the adapters read them.
+_HOOK_SESSIONS = {
+    "claude-code": (_EVENT, "CLAUDE_CODE_SESSION_ID"),
+    "codex": (_EVENT,),
+    "gemini": ("GEMINI_SESSION_ID", _EVENT),
+}
+_SESSION_KEY = b'"session_id"'
+_BLANK = b" \t\n\r"
+
+
+def hook(argv: list[str]) -> int:
+    """Run ``fleetbus hook AGENT ...``; ``argv`` starts with the agent's name.
+
+    When the sidecar of the event's session runs, it answers the event as it
+    came (:func:`answer_hook`). Anything else goes to the full hook,
+    :func:`fleetbus.agents.hooks.main`, with the same input: no sidecar yet,
+    an older one, an event this cannot read without a JSON parser, malformed
+    input.
+    """
+    data = None
+    if argv and sys.stdin is not None and sys.stdin.encoding == "utf-8":
+        data = sys.stdin.buffer.read()
+        answered = answer_hook(argv[0], data, os.environ)
+        if answered is not None:
+            sys.stdout.buffer.write(answered[1])
+            return answered[0]
+    from fleetbus.agents.hooks import main
+
+    return main(argv, data)
+
+
+def answer_hook(
+    agent: str,
+    data: bytes,
+    env: "Mapping[str, str]",
+    *,
+    timeout: float = CALL_TIMEOUT_S,
+) -> tuple[int, bytes] | None:
+    """Exit status and stdout of ``fleetbus hook AGENT`` for the event ``data``.
+
+    They come from the sidecar of the event's session, which reads the event
+    with the same code as the full hook; None when no sidecar answers them.
+    The request is one line, ``fleetbus-hook/1 AGENT ENV_BYTES EVENT_BYTES``,
+    then the variables of :data:`HOOK_ENVS` that are set, as ``NAME=VALUE``
+    each ended by a NUL, then the event.
+    """
+    session_id = hook_session(agent, data, env)
+    if session_id is None:
+        return None
+    passed = b"".join(
+        f"{name}={env[name]}\0".encode("utf-8", "surrogateescape")
+        for name in HOOK_ENVS
+        if name in env
+    )
+    head = b"%s %s %d %d\n" % (HOOK_MAGIC, agent.encode(), len(passed), len(data))
+    try:
+        path = sidecar_file(session_id, ".sock")
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    except OSError:
+        return None
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+        sock.sendall(head + passed + data)
+        reply = _read_all(sock)
+    except OSError:
+        return None
+    finally:
+        sock.close()
+    return read_hook_reply(reply)
+
+
+def hook_session(agent: str, data: bytes, env: "Mapping[str, str]") -> str | None:
+    """The session an agent's hook event belongs to, found without parsing JSON.
+
+    None when the agent is unknown or the session cannot be told this way;
+    the sidecar checks the answer against the event it parses.
+    """
+    for source in _HOOK_SESSIONS.get(agent, ()):
+        value = env.get(source, "") if source else session_in(data)
+        if value is None:
+            return None
+        if value:
+            return value
+    return None
+
+
+def session_in(data: bytes) -> str | None:
+    """The ``session_id`` of a JSON event, read as plain text.
+
+    The first ``"session_id"`` key is taken; "" when there is none or it is
+    empty; None when its value is not a string of printable ASCII without
+    escapes, which only a JSON parser reads right.
+    """
+    at = data.find(_SESSION_KEY)
+    if at < 0:
+        return ""
+    index = _skip_blank(data, at + len(_SESSION_KEY))
+    if data[index : index + 1] != b":":
+        return None
+    index = _skip_blank(data, index + 1)
+    if data[index : index + 1] != b'"':
+        return None
+    end = data.find(b'"', index + 1)
+    value = data[index + 1 : end]
+    if end < 0 or b"\\" in value or not value.isascii():
+        return None
+    text = value.decode()
+    return text if text.isprintable() else None
+
+
+def _skip_blank(data: bytes, index: int) -> int:
+    while index < len(data) and data[index] in _BLANK:
+        index += 1
+    return index
+
+
+def _read_all(sock: _socket.socket) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > _MAX_REPLY:
+            raise ConnectionResetError("the sidecar's reply is too large")
+
+
+def hook_reply(answer: tuple[int, bytes] | None) -> bytes:
+    """The sidecar's reply to a hook: ``fleetbus-hook/1 STATUS SIZE``, stdout.
+
+    :data:`HOOK_DECLINED` when ``answer`` is None.
+    """
+    if answer is None:
+        return HOOK_DECLINED
+    code, out = answer
+    return b"%s %d %d\n%s" % (HOOK_MAGIC, code, len(out), out)
+
+
+def read_hook_reply(reply: bytes) -> tuple[int, bytes] | None:
+    """Exit status and stdout from a :func:`hook_reply`; None if it has none.
+
+    An older sidecar answers the request line with a JSON error: None too.
+    """
+    head, _, out = reply.partition(b"\n")
+    words = head.split(b" ")
+    if len(words) != 3 or words[0] != HOOK_MAGIC:
+        return None
+    code, size = words[1], words[2]
+    if not (code.isdigit() and size.isdigit() and int(size) == len(out)):
+        return None
+    return int(code), out
+
+
+def read_hook_request(line: bytes) -> tuple[str, int, int] | None:
+    """The agent and the sizes of the variables and event a hook request
+    line announces; None when ``line`` is not one."""
+    words = line.rstrip(b"\n").split(b" ")
+    if len(words) != 4 or words[0] != HOOK_MAGIC:
+        return None
+    agent, env_size, size = words[1:]
+    if not (env_size.isdigit() and size.isdigit()):
+        return None
+    return agent.decode(errors="replace"), int(env_size), int(size)
+
+
+def read_hook_env(block: bytes) -> dict[str, str]:
+    """The variables of a hook request, as :func:`answer_hook` wrote them."""
+    env: dict[str, str] = {}
+    for item in block.split(b"\0"):
+        name, sep, value = item.partition(b"=")
+        if sep:
+            env[name.decode()] = value.decode("utf-8", "surrogateescape")
+    return env

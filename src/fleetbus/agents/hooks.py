@@ -8,7 +8,11 @@ in between is here and is the same for every agent: ask the session's sidecar
 (started on the first call) and phrase its answer for the model.
 
 This runs on every tool call, so it imports only the standard library; the
-sidecar does everything that needs the fleetbus client.
+sidecar does everything that needs the fleetbus client. Once a session's
+sidecar runs, ``fleetbus hook`` does not even come here: the sidecar reads the
+event and renders the answer with this same code (:func:`request`,
+:func:`settle`, :func:`answer_text`), and the hook process only passes bytes
+along (:func:`fleetbus.agents.hookclient.hook`).
 
 Exit status: 0 with the answer (or nothing) on stdout; 1 with one line on
 stderr when the input is malformed, which every agent treats as a
@@ -27,7 +31,7 @@ from fleetbus.agents import hookclient
 # Each hook run pays for every import, so the typing-only ones stay out of it.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Mapping
     from typing import Any, Protocol
 
     from fleetbus.errors import FleetbusError
@@ -163,27 +167,45 @@ class Outcome:
         return f"<Outcome deny={self.deny is not None} warning={self.warning!r}>"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one hook: ``fleetbus hook AGENT`` with the event on stdin."""
+def main(argv: list[str] | None = None, data: bytes | None = None) -> int:
+    """Run one hook: ``fleetbus hook AGENT`` with the event on stdin.
+
+    ``data`` is the event's bytes when the caller has read stdin already.
+    """
     args = sys.argv[1:] if argv is None else argv
-    module = AGENTS.get(args[0]) if args else None
-    if module is None:
+    adapter = agent_adapter(args[0]) if args else None
+    if adapter is None:
         known = ", ".join(AGENTS)
         print(f"fleetbus hook: name the agent, one of: {known}", file=sys.stderr)
         return 1
-    adapter: Adapter = __import__(f"fleetbus.agents.{module}", fromlist=["parse"])
     try:
-        event = json.loads(sys.stdin.read())
+        if data is None:
+            text = sys.stdin.read()
+        else:
+            text = data.decode(sys.stdin.encoding, sys.stdin.errors or "strict")
+        event = json.loads(text)
         if not isinstance(event, dict):
             raise MalformedEvent("the event is not a JSON object")
         answer = respond(adapter, event, os.environ)
     except (ValueError, MalformedEvent) as exc:
         print(f"fleetbus hook {args[0]}: malformed event: {exc}", file=sys.stderr)
         return 1
-    if answer is not None:
-        sys.stdout.write(json.dumps(answer))
-        sys.stdout.write("\n")
+    sys.stdout.write(answer_text(answer))
     return 0
+
+
+def agent_adapter(agent: str) -> Adapter | None:
+    """The module that speaks ``agent``'s protocol; None for an unknown agent."""
+    module = AGENTS.get(agent)
+    if module is None:
+        return None
+    adapter: Adapter = __import__(f"fleetbus.agents.{module}", fromlist=["parse"])
+    return adapter
+
+
+def answer_text(answer: dict[str, Any] | None) -> str:
+    """What a hook writes on stdout for ``answer``: a JSON line, or nothing."""
+    return "" if answer is None else json.dumps(answer) + "\n"
 
 
 def respond(
@@ -219,7 +241,7 @@ def perform(action: Action, env: Mapping[str, str]) -> Outcome:
             return Outcome(deny=refusal)
     if action.kind == "end":
         if hookclient.answers(action.session_id):
-            call(action, {"op": "end"})
+            call(action, request(action, env))
         return Outcome()
     hookclient.ensure_sidecar(
         action.session_id,
@@ -227,7 +249,7 @@ def perform(action: Action, env: Mapping[str, str]) -> Outcome:
         cwd=action.cwd,
         agent_pid=_agent_pid(env),
     )
-    return _PERFORMERS[action.kind](action, env)
+    return outcome(action, call(action, request(action, env)))
 
 
 def call(action: Action, request: dict[str, Any]) -> dict[str, Any]:
@@ -240,56 +262,63 @@ def _agent_pid(env: Mapping[str, str]) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _edit(action: Action, env: Mapping[str, str]) -> Outcome:
-    request: dict[str, Any] = {
-        "op": "pre_edit",
-        "paths": list(action.paths),
-        "facts": action.facts,
-    }
-    autoclaim = env.get(AUTOCLAIM_ENV)
-    if autoclaim is not None:
-        request["autoclaim"] = autoclaim.strip().lower() not in _FALSE
-    reply = call(action, request)
-    context = facts_text(reply.get("facts", []))
-    if reply.get("deny"):
-        reason = denial_text(reply.get("holders", []), reply.get("inside", []))
-        return Outcome(deny=reason, context=context, details=reply)
-    return Outcome(context=context, details=reply)
+_OPS = {
+    "edit": "pre_edit",
+    "edited": "facts_for",
+    "bash": "pre_bash",
+    "bashed": "post_bash",
+    "start": "start",
+    "prompt": "prompt",
+    "end": "end",
+}
 
 
-def _edited(action: Action, env: Mapping[str, str]) -> Outcome:
-    reply = call(action, {"op": "facts_for", "paths": list(action.paths)})
-    return Outcome(context=facts_text(reply.get("facts", [])), details=reply)
+def request(action: Action, env: Mapping[str, str]) -> dict[str, Any]:
+    """The sidecar request that carries out ``action``."""
+    sent: dict[str, Any] = {"op": _OPS[action.kind]}
+    if action.kind == "edit":
+        sent.update(paths=list(action.paths), facts=action.facts)
+        autoclaim = env.get(AUTOCLAIM_ENV)
+        if autoclaim is not None:
+            sent["autoclaim"] = autoclaim.strip().lower() not in _FALSE
+    elif action.kind == "edited":
+        sent["paths"] = list(action.paths)
+    return sent
 
 
-def _bash(action: Action, env: Mapping[str, str]) -> Outcome:
-    call(action, {"op": "pre_bash"})
+def outcome(action: Action, reply: dict[str, Any]) -> Outcome:
+    """What to tell the agent, from the sidecar's reply to :func:`request`."""
+    kind = action.kind
+    if kind == "edit":
+        context = facts_text(reply.get("facts", []))
+        if reply.get("deny"):
+            reason = denial_text(reply.get("holders", []), reply.get("inside", []))
+            return Outcome(deny=reason, context=context, details=reply)
+        return Outcome(context=context, details=reply)
+    if kind in ("edited", "prompt"):
+        return Outcome(context=facts_text(reply.get("facts", [])), details=reply)
+    if kind == "bashed":
+        return Outcome(context=changed_text(reply.get("conflicts", [])), details=reply)
+    if kind == "start":
+        return Outcome(context=summary_text(reply), details=reply)
     return Outcome()
 
 
-def _bashed(action: Action, env: Mapping[str, str]) -> Outcome:
-    reply = call(action, {"op": "post_bash"})
-    return Outcome(context=changed_text(reply.get("conflicts", [])), details=reply)
+def settle(action: Action, reply: dict[str, Any], env: Mapping[str, str]) -> Outcome:
+    """The outcome of ``action`` from the sidecar's reply as it is sent: ok, or
+    an error that :func:`unavailable` phrases, as :func:`respond` does."""
+    if reply.get("ok"):
+        return outcome(action, reply)
+    from fleetbus.errors import error_from_wire
+
+    return unavailable(action, error_from_wire(reply.get("error") or {}), env)
 
 
-def _start(action: Action, env: Mapping[str, str]) -> Outcome:
-    reply = call(action, {"op": "start"})
-    return Outcome(context=summary_text(reply), details=reply)
-
-
-def _prompt(action: Action, env: Mapping[str, str]) -> Outcome:
-    reply = call(action, {"op": "prompt"})
-    return Outcome(context=facts_text(reply.get("facts", [])), details=reply)
-
-
-_PERFORMERS: dict[str, Callable[[Action, Mapping[str, str]], Outcome]] = {
-    "edit": _edit,
-    "edited": _edited,
-    "bash": _bash,
-    "bashed": _bashed,
-    "start": _start,
-    "prompt": _prompt,
-}
+def runs_git(action: Action) -> bool:
+    """Whether answering ``action`` runs git in the agent's environment: the
+    check for the git guard before a ``git commit --no-verify``."""
+    command = action.command
+    return action.kind == "bash" and "commit" in command and skips_verify(command)
 
 
 def unavailable(action: Action, exc: FleetbusError, env: Mapping[str, str]) -> Outcome:

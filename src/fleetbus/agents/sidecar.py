@@ -7,6 +7,10 @@ fleet under the agent's own session id, keeps the lease, the claim replica and
 the record of facts already shown, and answers the hooks (and the ``fleetbus``
 CLI run from the agent's shell) over a unix socket: one JSON request line, one
 JSON reply line, ``{"ok": true, ...}`` or ``{"ok": false, "error": {...}}``.
+A hook may instead send its agent's event as it came, framed without JSON
+(:func:`fleetbus.agents.hookclient.answer_hook`); the sidecar then reads it
+with the hook's own code and replies with what the hook is to write
+(:meth:`Sidecar.hook`).
 
 It ends when the agent's process ends, or on ``end`` (the agent's session
 ended), SIGTERM or SIGINT, and leaves the fleet on the way out so its claims
@@ -51,7 +55,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from fleetbus import log
-from fleetbus.agents.hookclient import EXIT_BUSY, sidecar_file
+from fleetbus.agents import hookclient, hooks
+from fleetbus.agents.hookclient import EXIT_BUSY, HOOK_MAGIC, sidecar_file
 from fleetbus.claims import Claim
 from fleetbus.client.session import AsyncSession
 from fleetbus.errors import (
@@ -81,6 +86,8 @@ _READ_TIMEOUT_S = 10.0
 _LEAVE_TIMEOUT_S = 2.0
 _AGENT_POLL_S = 0.2
 _MAX_REQUEST = 1024 * 1024
+# A hook's event carries a whole file for a write: allow much more than a request.
+_MAX_HOOK_EVENT = 64 * 1024 * 1024
 _START_FACTS = 50
 
 
@@ -225,10 +232,18 @@ class Sidecar:
     ) -> None:
         try:
             line = await asyncio.wait_for(reader.readline(), _READ_TIMEOUT_S)
-            reply = await self.answer(line)
-            writer.write(json.dumps(reply, default=str).encode() + b"\n")
+            if line.startswith(HOOK_MAGIC + b" "):
+                writer.write(await self._hook_request(line, reader))
+            else:
+                reply = await self.answer(line)
+                writer.write(json.dumps(reply, default=str).encode() + b"\n")
             await writer.drain()
-        except (OSError, TimeoutError, ValueError) as exc:
+        except (
+            OSError,
+            TimeoutError,
+            ValueError,
+            asyncio.IncompleteReadError,
+        ) as exc:
             _log.debug("sidecar.connection_failed", error=str(exc))
         finally:
             writer.close()
@@ -241,6 +256,13 @@ class Sidecar:
         """The reply line to one request line."""
         try:
             request = json.loads(line)
+        except ValueError:
+            return _error(ProtocolError("a request is one line of JSON"))
+        return await self.answer_request(request)
+
+    async def answer_request(self, request: Any) -> dict[str, Any]:
+        """The reply to one request, decoded."""
+        try:
             if not isinstance(request, dict):
                 raise ProtocolError("a request is one JSON object")
             handler = self._ops.get(str(request.get("op")))
@@ -254,6 +276,52 @@ class Sidecar:
         except Exception as exc:
             _log.exception("sidecar.op_failed")
             return _error(FleetbusError(f"the sidecar failed: {exc!r}"))
+
+    async def _hook_request(self, line: bytes, reader: asyncio.StreamReader) -> bytes:
+        """The reply to a hook's framed event, whose first line is ``line``."""
+        framed = hookclient.read_hook_request(line)
+        if framed is None or framed[1] + framed[2] > _MAX_HOOK_EVENT:
+            return hookclient.HOOK_DECLINED
+        agent, env_size, size = framed
+        body = await asyncio.wait_for(
+            reader.readexactly(env_size + size), _READ_TIMEOUT_S
+        )
+        try:
+            env = hookclient.read_hook_env(body[:env_size])
+            out = await self.hook(agent, env, body[env_size:])
+        except Exception:
+            _log.exception("sidecar.hook_failed")
+            out = None
+        return hookclient.hook_reply(None if out is None else (0, out))
+
+    async def hook(self, agent: str, env: dict[str, str], data: bytes) -> bytes | None:
+        """What ``fleetbus hook AGENT`` writes on stdout for the event ``data``.
+
+        The event is read, acted on and answered by the same code as in the
+        hook itself (:mod:`fleetbus.agents.hooks`), so the bytes are the same.
+        None when the hook must answer itself: malformed input (its message
+        goes to stderr), an event without its ``cwd`` or of another session,
+        a check that runs git in the agent's environment.
+        """
+        adapter = hooks.agent_adapter(agent)
+        if adapter is None:
+            return None
+        try:
+            event = json.loads(data.decode())
+            if not isinstance(event, dict) or not _text(event.get("cwd")):
+                return None
+            action = adapter.parse(event, env)
+        except ValueError:
+            return None
+        if action is None:
+            return hooks.answer_text(adapter.NO_ANSWER).encode()
+        if action.session_id != self.session_id or hooks.runs_git(action):
+            return None
+        reply = await self.answer_request(hooks.request(action, env))
+        # The hook would get the reply through JSON: the same types, then.
+        sent = json.loads(json.dumps(reply, default=str))
+        outcome = hooks.settle(action, sent, env)
+        return hooks.answer_text(adapter.render(action, outcome)).encode()
 
     # -- operations for hooks -------------------------------------------------
 
@@ -566,6 +634,11 @@ def _seconds(request: dict[str, Any], key: str) -> float | None:
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise BadInput(f"{key!r} must be a number of seconds", field=key)
     return float(value)
+
+
+def _text(value: Any) -> bool:
+    """Whether ``value`` is a non-empty string."""
+    return isinstance(value, str) and bool(value)
 
 
 def _error(exc: FleetbusError) -> dict[str, Any]:
