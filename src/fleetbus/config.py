@@ -88,8 +88,10 @@ SETTINGS: tuple[Setting, ...] = (
         1,
         86_400,
     ),
-    Setting("rate_per_s", "int", 2000, "requests a second per peer (0: any)", 0, 10**7),
-    Setting("rate_burst", "int", 4000, "burst of requests per peer", 1, 10**8),
+    Setting(
+        "rate_per_s", "int", 10_000, "requests a second per peer (0: any)", 0, 10**7
+    ),
+    Setting("rate_burst", "int", 20_000, "burst of requests per peer", 1, 10**8),
     Setting("curve_secret", "path", None, "the broker's CURVE secret key file"),
     Setting("curve_allow", "path", None, "directory of admitted client keys"),
     Setting("curve_operators", "path", None, "directory of operator keys"),

@@ -37,10 +37,10 @@ class BrokerConfig:
     metrics: str | None = None
     facts_max: int = 100_000
     facts_max_age_s: float = 30 * 86_400.0
-    rate_per_s: float = 2000.0
+    rate_per_s: float = 10_000.0
     request_memory_s: float = 600.0
     pub_hwm: int = 100_000
-    rate_burst: int = 4000
+    rate_burst: int = 20_000
     curve_secret: Path | None = None
     curve_allow: Path | None = None
     curve_operators: Path | None = None
