@@ -478,8 +478,11 @@ class Broker:
         assert self.store is not None
         now = self.clock.wall()
         self.store.begin()
-        self.store.record_request(key[0], key[1], now, encoded)
-        self._replies[key] = (now, encoded)
+        # orjson's output keeps its whole growth buffer (4 KiB at least), and
+        # what is kept for the retry window must hold only the reply's bytes.
+        compact = bytes(memoryview(encoded))
+        self.store.record_request(key[0], key[1], now, compact)
+        self._replies[key] = (now, compact)
         self._replies.move_to_end(key)
 
     def _forget_replies(self) -> None:
