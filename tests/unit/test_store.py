@@ -112,9 +112,10 @@ def test_a_fact_saved_again_is_updated_and_indexed_once(tmp_path: Path) -> None:
     assert indexed == (1 if facts.fts else 0,)
 
 
-def test_rollback_drops_deferred_rows(tmp_path: Path) -> None:
+def test_rollback_drops_the_batch_and_its_deferred_rows(tmp_path: Path) -> None:
     store = Store(tmp_path / "db.sqlite")
     facts = FactStore(store)
+    store.begin()
     facts.save("git:r", [_publish(_fact_table(), "never committed")])
     store.record_request("s1", "r1", 100.0, b"{}")
 
