@@ -17,6 +17,31 @@ def _orjson_dumps(obj: Any, default: Any = None) -> str:
     return orjson.dumps(obj, default=default).decode()
 
 
+class LossyStream:
+    """A stream whose write errors drop the line instead of raising.
+
+    A full disk, a file size limit or a closed pipe must not stop the program
+    that logs: losing a log line is better than losing the broker.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        """Write ``text``; 0 when it could not be written."""
+        try:
+            return self.stream.write(text)
+        except OSError:
+            return 0
+
+    def flush(self) -> None:
+        """Flush, ignoring failures."""
+        try:
+            self.stream.flush()
+        except OSError:
+            pass
+
+
 def configure(
     level: str = "info", *, json: bool | None = None, stream: TextIO | None = None
 ) -> None:
@@ -32,6 +57,8 @@ def configure(
         renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=out.isatty())
+    # Written to as a text stream; structlog needs nothing else of it.
+    lossy: Any = LossyStream(out)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -42,7 +69,7 @@ def configure(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=structlog.PrintLoggerFactory(file=lossy),
         cache_logger_on_first_use=False,
     )
 

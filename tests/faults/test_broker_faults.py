@@ -241,3 +241,29 @@ def test_remembered_replies_leave_the_store_after_the_retry_window(
         wait_for(lambda: remembered(fleet) == 1, 5, "old replies to be pruned")
     finally:
         raw.close()
+
+
+def test_a_log_that_cannot_be_written_does_not_stop_the_broker(
+    short_tmp: Path,
+) -> None:
+    """Regression: a log line failing to write (full disk, size limit) killed it.
+
+    The broker's log file may not grow past its size; every request is still
+    answered and the broker keeps running.
+    """
+    import resource
+
+    broker = BrokerProcess(short_tmp, lease_ms=60_000).start()
+    raw = Raw(broker.url)
+    try:
+        join(raw, "a")
+        assert broker.proc is not None
+        limit = broker.log_path.stat().st_size + 300
+        resource.prlimit(broker.proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+        for n in range(20):
+            reply = raw.request("claim", sid="a", scopes=[f"src/{n}.py"])
+            assert reply["ok"] or reply["error"]["code"] == "unavailable", reply
+        assert broker.proc.poll() is None
+    finally:
+        raw.close()
+        broker.kill()
