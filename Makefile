@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps run test lint typecheck unit test-long bench bench-quick clean
+.PHONY: install system-deps run test lint typecheck unit test-long test-faults-long soak bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,13 @@ $(VENV)/.bench-installed: $(STAMP)
 
 ## The benchmark suite (results in docs/benchmarks.md); the peers it compares
 ## against (redis-server, nats-server) are used when installed.
+## Fault runs over many seeds, and the soak test (minutes each).
+test-faults-long: $(STAMP)
+	FLEETBUS_FAULT_SEEDS=50 $(BIN)/pytest -q -m slow tests/faults
+
+soak: $(STAMP)
+	FLEETBUS_SOAK_S=180 $(BIN)/pytest -q -m slow -s tests/faults/test_soak.py
+
 bench: $(VENV)/.bench-installed
 	$(BIN)/python -m bench
 
