@@ -44,12 +44,6 @@ test: system-deps lint typecheck
 test-long: $(STAMP)
 	$(BIN)/pytest -q -m slow
 
-$(VENV)/.bench-installed: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[test,bench]'
-	touch $@
-
-## The benchmark suite (results in docs/benchmarks.md); the peers it compares
-## against (redis-server, nats-server) are used when installed.
 ## Fault runs over many seeds, and the soak test (minutes each).
 test-faults-long: $(STAMP)
 	FLEETBUS_FAULT_SEEDS=50 $(BIN)/pytest -q -m slow tests/faults
@@ -57,6 +51,12 @@ test-faults-long: $(STAMP)
 soak: $(STAMP)
 	FLEETBUS_SOAK_S=180 $(BIN)/pytest -q -m slow -s tests/faults/test_soak.py
 
+$(VENV)/.bench-installed: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $@
+
+## The benchmark suite (results in docs/benchmarks.md); the peers it compares
+## against (redis-server, nats-server) are used when installed.
 bench: $(VENV)/.bench-installed
 	$(BIN)/python -m bench
 
