@@ -646,7 +646,7 @@ class Broker:
         self.metrics.snapshots += 1
         table = self.tables.get(repo)
         sequence = self.sequences.get(repo) or Sequence()
-        state = table.view.snapshot() if table is not None else _empty_snapshot()
+        state = table.snapshot() if table is not None else _empty_snapshot()
         self._reply(
             ident,
             rid,
