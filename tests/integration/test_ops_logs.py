@@ -92,6 +92,11 @@ def test_each_change_is_one_json_line_with_a_stable_name(
     assert names.count("session.joined") == 3
     refused = next(e for e in info if e["event"] == "claim.refused")
     assert refused["sid"] == "l-bob"
+    assert refused["repo"]
+    queued = next(e for e in info if e["event"] == "claim.queued")
+    assert queued["repo"] == refused["repo"]
+    joined = {e["sid"]: e["name"] for e in info if e["event"] == "session.joined"}
+    assert "l-bob" in joined
     lost = next(e for e in info if e["event"] == "session.lost")
     assert lost["sid"] == "l-carol"
     expired = [e for e in info if e["event"] == "claim.expired"]

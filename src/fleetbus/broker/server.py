@@ -556,6 +556,9 @@ class Broker:
             self.log.debug(kind, sid=event.get("sid"), seq=event["seq"])
             return
         fields = {k: v for k, v in event.items() if k in _LOGGED_KEYS}
+        if kind == "session.joined":
+            fields["sid"] = event["session"]["sid"]
+            fields["name"] = event["session"]["name"]
         self.log.info(kind, **fields)
 
     # -- handlers -------------------------------------------------------------
@@ -715,6 +718,7 @@ class Broker:
             self.metrics.refused(exc.code)
             self.log.info(
                 f"claim.{'refused' if exc.code != 'deadlock' else 'deadlock'}",
+                repo=table.repo,
                 sid=sid,
                 scopes=[s.text for s in scopes],
                 code=exc.code,
@@ -728,6 +732,7 @@ class Broker:
             self._waiting[(sid, rid)] = ident
             self.log.info(
                 "claim.queued",
+                repo=table.repo,
                 sid=sid,
                 scopes=[s.text for s in scopes],
                 position=outcome.queued,
