@@ -32,31 +32,6 @@ class SystemClock:
         return time.monotonic()
 
 
-class ManualClock:
-    """A clock that moves only when told to; for tests and injected jumps."""
-
-    def __init__(self, wall: float = 1_700_000_000.0, monotonic: float = 1000.0):
-        self._wall = wall
-        self._monotonic = monotonic
-
-    def wall(self) -> float:
-        """The wall time as last set."""
-        return self._wall
-
-    def monotonic(self) -> float:
-        """The monotonic time as last set."""
-        return self._monotonic
-
-    def advance(self, seconds: float) -> None:
-        """Move both clocks forward together."""
-        self._wall += seconds
-        self._monotonic += seconds
-
-    def jump_wall(self, seconds: float) -> None:
-        """Move the wall clock alone, forward or back, as NTP might."""
-        self._wall += seconds
-
-
 class OffsetClock(SystemClock):
     """The system clocks shifted by offsets that can be changed at run time.
 
