@@ -48,7 +48,7 @@ except ImportError:  # Python 3.12 renamed it _sha2.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import subprocess
-    from collections.abc import Mapping
+    from collections.abc import Iterator, Mapping
     from typing import Any
 
 AGENT_PID_ENV = "FLEETBUS_AGENT_PID"
@@ -144,16 +144,27 @@ def call_sidecar(
 
 def _read_line(sock: _socket.socket) -> bytes:
     chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionResetError("the sidecar closed the connection")
+    for chunk in _received(sock):
         end = chunk.find(b"\n")
         if end >= 0:
             chunks.append(chunk[:end])
             return b"".join(chunks)
         chunks.append(chunk)
+    raise ConnectionResetError("the sidecar closed the connection")
+
+
+def _received(sock: _socket.socket) -> "Iterator[bytes]":
+    """The chunks the sidecar sends until it closes the connection.
+
+    Raises ``ConnectionResetError`` once more than ``_MAX_REPLY`` bytes came and
+    the reader asks for more.
+    """
+    size = 0
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return
+        yield chunk
         size += len(chunk)
         if size > _MAX_REPLY:
             raise ConnectionResetError("the sidecar's reply is too large")
@@ -447,7 +458,7 @@ def answer_hook(
         sock.settimeout(timeout)
         sock.connect(path)
         sock.sendall(head + passed + data)
-        reply = _read_all(sock)
+        reply = b"".join(_received(sock))
     except OSError:
         return None
     finally:
@@ -498,19 +509,6 @@ def _skip_blank(data: bytes, index: int) -> int:
     while index < len(data) and data[index] in _BLANK:
         index += 1
     return index
-
-
-def _read_all(sock: _socket.socket) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > _MAX_REPLY:
-            raise ConnectionResetError("the sidecar's reply is too large")
 
 
 def hook_reply(answer: tuple[int, bytes] | None) -> bytes:
