@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import logging
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -12,8 +14,11 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog
 
-from fleetbus import log
+from fleetbus import log, wire
+from fleetbus.broker.config import BrokerConfig
+from fleetbus.broker.server import Broker
 from fleetbus.client import connect
 from fleetbus.errors import Conflict
 from tests.support.brokerproc import BrokerProcess
@@ -131,3 +136,42 @@ def test_json_off_a_terminal_and_console_on_one(
         assert "claim.granted" in line
         assert "s1" in line
         assert not line.startswith("{")
+
+
+def test_a_rolled_back_batch_logs_none_of_its_changes(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim whose commit fails is not logged as granted; its retry is."""
+    config = BrokerConfig(url=f"ipc://{short_tmp}/b.sock", data_dir=short_tmp / "d")
+    capture = structlog.testing.LogCapture()
+    logged = capture.entries
+    broker = Broker(config)
+    broker.log = structlog.wrap_logger(
+        None,
+        processors=[capture],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+    )
+    broker.start()
+    try:
+        assert broker.store is not None
+        hello = {"op": "hello", "rid": "h", "sid": "s1", "repo": "r"}
+        claim = {"op": "claim", "rid": "c", "sid": "s1", "scopes": ["src/"]}
+        broker._handle([b"peer", wire.encode(hello)])
+        broker.turn(drain=False)
+        with monkeypatch.context() as patched:
+            patched.setattr(broker.store, "commit", _disk_full)
+            broker._handle([b"peer", wire.encode(claim)])
+            broker.turn(drain=False)
+        failed = [e["event"] for e in logged]
+        broker._handle([b"peer", wire.encode(claim)])
+        broker.turn(drain=False)
+    finally:
+        broker.close()
+    assert "store.write_failed" in failed
+    assert "session.joined" in failed
+    assert "claim.granted" not in failed
+    assert [e["event"] for e in logged].count("claim.granted") == 1
+
+
+def _disk_full() -> None:
+    raise sqlite3.OperationalError("database or disk is full")

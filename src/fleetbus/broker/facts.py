@@ -264,7 +264,7 @@ class FactService:
             fields.update(id=fact["id"], sid=fact["sid"], kind=fact["kind"])
         else:
             fields.update(ids=event["ids"], reason=event.get("limit", event["reason"]))
-        self.broker.log.info(event["type"], **fields)
+        self.broker.log_change(event["type"], **fields)
 
     # -- the broker's own warnings --------------------------------------------------
 

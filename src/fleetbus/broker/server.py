@@ -86,6 +86,7 @@ class Broker:
         self._waiting: dict[tuple[str, str], bytes] = {}
         self._outbox: list[tuple[bytes, str | None, bytes]] = []
         self._events: list[tuple[bytes, dict[str, Any]]] = []
+        self._logs: list[tuple[str, str, dict[str, Any]]] = []
         self._dirty: set[str] = set()
         self._failpoints = _parse_failpoints(os.environ.get(FAILPOINTS_ENV, ""))
         self._stopping = False
@@ -346,6 +347,7 @@ class Broker:
             self._store_failed(exc)
             return
         self._dirty.clear()
+        self._write_logs()
         self._failpoint("after_commit")
         for ident, _rid, body in self._outbox:
             self.router.send_multipart([ident, body])
@@ -376,9 +378,23 @@ class Broker:
             )
         self._outbox.clear()
         self._events.clear()
+        self._logs.clear()
         self._dirty.clear()
         self._waiting.clear()
         self._restore()
+
+    def log_change(self, event: str, /, level: str = "info", **fields: Any) -> None:
+        """Log the change ``event`` of this batch once its commit succeeds.
+
+        A batch that fails to commit is rolled back, so its lines are dropped:
+        the log names only what the store holds.
+        """
+        self._logs.append((level, event, fields))
+
+    def _write_logs(self) -> None:
+        for level, name, fields in self._logs:
+            getattr(self.log, level)(name, **fields)
+        self._logs.clear()
 
     def _receive(self) -> list[bytes]:
         """One request's frames; notes the sender's credential."""
@@ -553,13 +569,13 @@ class Broker:
         if kind == "claim.released" and event.get("reason") in _EXPIRY_REASONS:
             kind = "claim.expired"
         if kind.startswith("wait."):
-            self.log.debug(kind, sid=event.get("sid"), seq=event["seq"])
+            self.log_change(kind, level="debug", sid=event.get("sid"), seq=event["seq"])
             return
         fields = {k: v for k, v in event.items() if k in _LOGGED_KEYS}
         if kind == "session.joined":
             fields["sid"] = event["session"]["sid"]
             fields["name"] = event["session"]["name"]
-        self.log.info(kind, **fields)
+        self.log_change(kind, **fields)
 
     # -- handlers -------------------------------------------------------------
 
@@ -730,7 +746,7 @@ class Broker:
         self._absorb(table.repo, outcome)
         if outcome.queued is not None:
             self._waiting[(sid, rid)] = ident
-            self.log.info(
+            self.log_change(
                 "claim.queued",
                 repo=table.repo,
                 sid=sid,
@@ -817,8 +833,9 @@ class Broker:
         outcome = table.force_release(
             scopes=scopes, ids=_optional_ids(message), by=by, now=self._now()
         )
-        self.log.warning(
+        self.log_change(
             "claim.force_released",
+            level="warning",
             repo=repo,
             by=by,
             credential=self._credential,
