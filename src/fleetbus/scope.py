@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Generic, TypeVar
@@ -68,6 +68,8 @@ _UNIVERSE: _CharSet = ((1, _SLASH - 1), (_SLASH + 1, 0x10FFFF))
 _Token = _CharSet | None
 _STAR_RE = "[^/\x00]*"
 _NOTHING: _CharSet = ()
+# An item of a pattern automaton: a path segment or a segment token.
+_Item = TypeVar("_Item")
 
 
 class _Malformed(Exception):
@@ -504,36 +506,20 @@ def overlaps(a: Scope, b: Scope) -> bool:
 
 @lru_cache(maxsize=8192)
 def _paths_overlap(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
-    """Search the product of both segment automata for an accepting state.
+    """Whether some path matches both segment patterns.
 
-    A state is (position in a, position in b, some segment consumed); the last
-    part keeps the empty path, which is no path, from counting as shared.
+    A ``**`` loops on any segment; two other segments step together when some
+    segment matches both.
     """
-    seen: set[tuple[int, int, bool]] = set()
-    stack = [(0, 0, False)]
-    while stack:
-        state = stack.pop()
-        if state in seen:
-            continue
-        seen.add(state)
-        i, j, consumed = state
-        if i == len(a) and j == len(b) and consumed:
-            return True
-        a_star = i < len(a) and a[i] == GLOBSTAR
-        b_star = j < len(b) and b[j] == GLOBSTAR
-        if a_star:
-            stack.append((i + 1, j, consumed))
-        if b_star:
-            stack.append((i, j + 1, consumed))
-        if i == len(a) or j == len(b):
-            continue
-        # Consume one path segment on both sides; a "**" may stay where it is.
-        a_next = i if a_star else i + 1
-        b_next = j if b_star else j + 1
-        if a_star or b_star or _segments_overlap(a[i], b[j]):
-            stack.append((a_next, b_next, True))
+    return _product_accepts(a, b, _is_globstar, _segment_steps)
 
-    return False
+
+def _is_globstar(segment: str) -> bool:
+    return segment == GLOBSTAR
+
+
+def _segment_steps(a: str, b: str) -> bool:
+    return a == GLOBSTAR or b == GLOBSTAR or _segments_overlap(a, b)
 
 
 @lru_cache(maxsize=16384)
@@ -547,6 +533,34 @@ def _segments_overlap(a: str, b: str) -> bool:
     if _GLOB_CHARS.isdisjoint(a) and _GLOB_CHARS.isdisjoint(b):
         return a == b
     ta, tb = _parse_segment(a)[1], _parse_segment(b)[1]
+
+    return _product_accepts(ta, tb, _is_star_token, _tokens_step)
+
+
+def _is_star_token(token: _Token) -> bool:
+    return token is None
+
+
+def _tokens_step(a: _Token, b: _Token) -> bool:
+    a_set = _UNIVERSE if a is None else a
+    b_set = _UNIVERSE if b is None else b
+    return bool(_intersect(a_set, b_set))
+
+
+def _product_accepts(
+    a: Sequence[_Item],
+    b: Sequence[_Item],
+    loops: Callable[[_Item], bool],
+    steps: Callable[[_Item, _Item], bool],
+) -> bool:
+    """Search the product of two pattern automata for an accepting state.
+
+    A pattern is a sequence of items, each of which matches one unit (a
+    segment, a character); an item for which ``loops`` holds matches any
+    number of units. ``steps`` says whether some unit matches both items.
+    A state is (position in a, position in b, some unit consumed); the last
+    part keeps the empty input from counting as shared.
+    """
     seen: set[tuple[int, int, bool]] = set()
     stack = [(0, 0, False)]
     while stack:
@@ -555,20 +569,18 @@ def _segments_overlap(a: str, b: str) -> bool:
             continue
         seen.add(state)
         i, j, consumed = state
-        if i == len(ta) and j == len(tb) and consumed:
+        if i == len(a) and j == len(b) and consumed:
             return True
-        a_star = i < len(ta) and ta[i] is None
-        b_star = j < len(tb) and tb[j] is None
+        a_star = i < len(a) and loops(a[i])
+        b_star = j < len(b) and loops(b[j])
         if a_star:
             stack.append((i + 1, j, consumed))
         if b_star:
             stack.append((i, j + 1, consumed))
-        if i == len(ta) or j == len(tb):
+        if i == len(a) or j == len(b):
             continue
-        a_token, b_token = ta[i], tb[j]
-        a_set = _UNIVERSE if a_token is None else a_token
-        b_set = _UNIVERSE if b_token is None else b_token
-        if _intersect(a_set, b_set):
+        # Consume one unit on both sides; a looping item may stay where it is.
+        if steps(a[i], b[j]):
             stack.append((i if a_star else i + 1, j if b_star else j + 1, True))
 
     return False
