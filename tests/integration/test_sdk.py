@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from fleetbus.client import AsyncSession, connect
 from fleetbus.errors import BrokerUnavailable, Conflict, Deadlock, TimedOut
@@ -375,6 +376,35 @@ async def test_closed_session_ends_its_own_loops(join: Callable[..., Any]) -> No
 
     await asyncio.wait_for(a._heartbeat(), DEADLINE_S)
     await asyncio.wait_for(a._repair_loop(), DEADLINE_S)
+
+
+async def test_close_sends_no_heartbeat_after_leave(
+    join: Callable[..., Any],
+) -> None:
+    """A beat due while the session leaves is not sent, and close warns of nothing."""
+    a = await join("a")
+    request = a._request
+    sent: list[str] = []
+    beat_due = asyncio.Event()
+    leaving = asyncio.Event()
+
+    async def watched(op: str, **fields: Any) -> dict[str, Any]:
+        if op == "heartbeat":
+            beat_due.set()
+            await leaving.wait()
+        if op == "leave":
+            leaving.set()
+        sent.append(op)
+        return await request(op, **fields)
+
+    a._request = watched  # type: ignore[method-assign]
+    a.heartbeat_ms = 0
+    await asyncio.wait_for(beat_due.wait(), DEADLINE_S)
+    with structlog.testing.capture_logs() as logged:
+        await a.close()
+
+    assert "heartbeat" not in sent[sent.index("leave") :]
+    assert [e for e in logged if e["log_level"] != "debug"] == []
 
 
 async def test_unreachable_broker_raises(tmp_path: Path, repo: RepoInfo) -> None:

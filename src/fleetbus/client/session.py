@@ -159,6 +159,7 @@ class AsyncSession(FactsMixin):
         self._queues: list[asyncio.Queue[dict[str, Any] | None]] = []
         self._callbacks: list[EventCallback] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        self._heartbeats: asyncio.Task[None] | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -222,13 +223,18 @@ class AsyncSession(FactsMixin):
             self._spawn(self._read_events())
             await self._sync()
         if self.leased:
-            self._spawn(self._heartbeat())
+            self._heartbeats = self._task(self._heartbeat())
         self._spawn(self._repair_loop())
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self._task(coro)
+
+    def _task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``coro`` until the session closes; the task, to stop it sooner."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def close(self, *, leave: bool = True) -> None:
         """Leave the fleet (unless ``leave=False``) and close every socket.
@@ -238,6 +244,7 @@ class AsyncSession(FactsMixin):
         """
         if self._closed:
             return
+        await self._stop_heartbeat()
         if leave and self.joins and self._generation:
             with contextlib.suppress(FleetbusError):
                 await self._request("leave", timeout=_LEAVE_TIMEOUT_S)
@@ -257,6 +264,18 @@ class AsyncSession(FactsMixin):
         for waiter in self._synced_waiters:
             if not waiter.done():
                 waiter.set_exception(SessionClosed("the session was closed"))
+
+    async def _stop_heartbeat(self) -> None:
+        """End the heartbeat loop, so that no beat follows the ``leave``.
+
+        A beat the broker received after the leave would be answered "unknown
+        session" and make the session join again, or warn, while closing.
+        """
+        task, self._heartbeats = self._heartbeats, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
     async def __aenter__(self) -> AsyncSession:
         return self
@@ -626,9 +645,9 @@ class AsyncSession(FactsMixin):
         self._want_repair()
 
     async def _heartbeat(self) -> None:
-        # Ends on its own once closed too: on Python 3.11 a cancellation that
+        # Ends on its own once stopped too: on Python 3.11 a cancellation that
         # meets a reply inside wait_for can be lost, and close() would hang.
-        while not self._closed:
+        while not self._closed and self._heartbeats is not None:
             await asyncio.sleep(self.heartbeat_ms / 1000)
             try:
                 reply = await self._request("heartbeat")
