@@ -19,6 +19,8 @@ from fleetbus.agents.hooks import (
     Outcome,
     absolute,
     event_cwd,
+    input_command,
+    input_path,
     text_field,
     tool_input,
 )
@@ -58,14 +60,10 @@ def parse(event: dict[str, Any], env: Mapping[str, str]) -> Action | None:
         return None
     tool = text_field(event, "tool_name")
     if tool in EDIT_TOOLS and name == "PreToolUse":
-        path = tool_input(event).get(EDIT_TOOLS[tool])
-        if not isinstance(path, str) or not path:
-            raise MalformedEvent(f"{tool} input has no {EDIT_TOOLS[tool]!r}")
+        path = input_path(tool_input(event), tool, EDIT_TOOLS[tool])
         return base.but("edit", paths=(absolute(path, cwd),))
     if tool in SHELL_TOOLS:
-        command = tool_input(event).get("command")
-        if not isinstance(command, str):
-            raise MalformedEvent(f"{tool} input has no 'command'")
+        command = input_command(tool_input(event), tool)
         kind = "bash" if name == "PreToolUse" else "bashed"
         return base.but(kind, command=command)
     return None

@@ -21,6 +21,7 @@ from fleetbus.agents.hooks import (
     Outcome,
     absolute,
     event_cwd,
+    input_path,
     text_field,
     tool_input,
 )
@@ -77,10 +78,7 @@ def parse(event: dict[str, Any], env: Mapping[str, str]) -> Action | None:
 
 def _edited_paths(tool: str, arguments: dict[str, Any]) -> list[str]:
     if tool in FILE_TOOLS:
-        path = arguments.get(FILE_TOOLS[tool])
-        if not isinstance(path, str) or not path:
-            raise MalformedEvent(f"{tool} input has no {FILE_TOOLS[tool]!r}")
-        return [path]
+        return [input_path(arguments, tool, FILE_TOOLS[tool])]
     paths = patch_paths(_command_text(arguments))
     if not paths:
         raise MalformedEvent("the patch names no file")

@@ -21,6 +21,8 @@ from fleetbus.agents.hooks import (
     Outcome,
     absolute,
     event_cwd,
+    input_command,
+    input_path,
     text_field,
     tool_input,
 )
@@ -55,16 +57,12 @@ def parse(event: dict[str, Any], env: Mapping[str, str]) -> Action | None:
     tool = text_field(event, "tool_name")
     before = name == "BeforeTool"
     if tool in EDIT_TOOLS:
-        path = tool_input(event).get("file_path")
-        if not isinstance(path, str) or not path:
-            raise MalformedEvent(f"{tool} input has no 'file_path'")
+        path = input_path(tool_input(event), tool, "file_path")
         kind = "edit" if before else "edited"
         paths = (absolute(path, cwd),)
         return base.but(kind, paths=paths, facts=not before)
     if tool in SHELL_TOOLS:
-        command = tool_input(event).get("command")
-        if not isinstance(command, str):
-            raise MalformedEvent(f"{tool} input has no 'command'")
+        command = input_command(tool_input(event), tool)
         return base.but("bash" if before else "bashed", command=command)
     return None
 

@@ -617,6 +617,22 @@ def tool_input(event: Mapping[str, Any]) -> dict[str, Any]:
     return value
 
 
+def input_path(arguments: Mapping[str, Any], tool: str, key: str) -> str:
+    """The path a tool's input carries under ``key``, or :class:`MalformedEvent`."""
+    value = arguments.get(key)
+    if not isinstance(value, str) or not value:
+        raise MalformedEvent(f"{tool} input has no {key!r}")
+    return value
+
+
+def input_command(arguments: Mapping[str, Any], tool: str) -> str:
+    """The shell command a tool's input carries, or :class:`MalformedEvent`."""
+    value = arguments.get("command")
+    if not isinstance(value, str):
+        raise MalformedEvent(f"{tool} input has no 'command'")
+    return value
+
+
 def absolute(path: str, cwd: str) -> str:
     """``path`` made absolute against the agent's working directory."""
     return path if os.path.isabs(path) else os.path.join(cwd, path)
