@@ -56,3 +56,25 @@ def collect(subscribers: list[Child], limit_s: float) -> tuple[int, float]:
         for child in subscribers:
             child.stop()
     return received, max(last - first, 1e-9)
+
+
+def deliveries_per_s(
+    subscribers: list[Child],
+    send_warmup: Callable[[], None],
+    send_burst: Callable[[], None],
+    limit_s: float,
+) -> float:
+    """Warm ``subscribers`` up, send the burst and its end mark, and collect.
+
+    The subscribers are stopped if warming up or sending fails.
+    """
+    try:
+        warm(subscribers, send_warmup)
+        send_burst()
+    except BaseException:
+        for child in subscribers:
+            child.stop()
+        raise
+    received, window = collect(subscribers, limit_s)
+
+    return received / window

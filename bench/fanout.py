@@ -14,7 +14,7 @@ from typing import Any
 import zmq
 
 from bench import raw
-from bench.burst import collect, start_subscribers, warm
+from bench.burst import deliveries_per_s, start_subscribers
 from bench.context import Run
 from bench.harness import Broker, bench_child
 from fleetbus import wire
@@ -101,18 +101,17 @@ def _proxy_burst(
 ) -> float:
     subs = start_subscribers(url, b"", SUBSCRIBERS, PROCESSES, limit_s)
     warmup, data, end = (_with_mark(sample, m) for m in "wde")
-    try:
-        warm(subs, lambda: pub.send_multipart(warmup))
+
+    def send_warmup() -> None:
+        pub.send_multipart(warmup)
+
+    def send() -> None:
         for _ in range(facts):
             pub.send_multipart(data)
         for _ in range(3):
             pub.send_multipart(end)
-    except BaseException:
-        for child in subs:
-            child.stop()
-        raise
-    received, window = collect(subs, limit_s)
-    return received / window
+
+    return deliveries_per_s(subs, send_warmup, send, limit_s)
 
 
 def _fleet_burst(
@@ -126,16 +125,12 @@ def _fleet_burst(
         limit_s,
     )
     body = "d" + BODY_PAD
-    try:
-        warm(
-            subs,
-            lambda: client.pipeline([raw.publish("publisher", TOPIC, "w")], window=1),
-        )
+
+    def send_warmup() -> None:
+        client.pipeline([raw.publish("publisher", TOPIC, "w")], window=1)
+
+    def send() -> None:
         client.pipeline(raw.publish("publisher", TOPIC, body) for _ in range(facts))
         client.pipeline([raw.publish("publisher", TOPIC, "e") for _ in range(3)])
-    except BaseException:
-        for child in subs:
-            child.stop()
-        raise
-    received, window = collect(subs, limit_s)
-    return received / window
+
+    return deliveries_per_s(subs, send_warmup, send, limit_s)
