@@ -348,9 +348,7 @@ def _run_release(args: argparse.Namespace) -> int:
 
     async def body(session: AsyncSession) -> int:
         if args.force:
-            from fleetbus.security import force_release
-
-            released = await force_release(session, args.scopes, by=session.name)
+            released = await session.force_release(*args.scopes)
         else:
             released = await session.release(*args.scopes, all=args.all)
         if args.json:

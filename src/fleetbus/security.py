@@ -328,24 +328,3 @@ def run_keys(directory: Path | None, names: list[str]) -> int:
         f"{SERVER_KEY_ENV}=BROKER.key {CLIENT_KEY_ENV}=CLIENT.key_secret"
     )
     return 0
-
-
-async def force_release(
-    session: Any, scopes: list[str], *, by: str | None = None
-) -> list[str]:
-    """Release every claim on ``scopes`` whoever holds it (operators only).
-
-    ``session`` is an attached :class:`fleetbus.client.AsyncSession`; the
-    broker checks the credential, logs the release and publishes it with
-    reason ``forced``. Returns the ids released.
-    """
-    from fleetbus.repo import resolve_scope
-
-    fields: dict[str, Any] = {
-        "repo": session.repo.id,
-        "scopes": [resolve_scope(text, session.repo).text for text in scopes],
-    }
-    if by is not None:
-        fields["by"] = by
-    reply = await session._request("force_release", **fields)
-    return [str(i) for i in reply.get("released", [])]

@@ -14,7 +14,7 @@ import pytest
 import structlog
 
 from fleetbus.client import AsyncSession, connect
-from fleetbus.errors import BrokerUnavailable, Conflict, Deadlock, TimedOut
+from fleetbus.errors import BadInput, BrokerUnavailable, Conflict, Deadlock, TimedOut
 from fleetbus.repo import RepoInfo
 from tests.support.brokerproc import BrokerProcess
 
@@ -405,6 +405,25 @@ async def test_close_sends_no_heartbeat_after_leave(
 
     assert "heartbeat" not in sent[sent.index("leave") :]
     assert [e for e in logged if e["log_level"] != "debug"] == []
+
+
+async def test_force_release_frees_another_sessions_claims(
+    join: Callable[..., Any],
+) -> None:
+    """The local user, an operator by default, force-releases by scope and by id."""
+    holder = await join("holder")
+    operator = await join("operator")
+    first = await holder.claim("src/a.py", ttl=600)
+    second = await holder.claim("src/b.py", ttl=600)
+
+    by_scope = await operator.force_release("src/a.py")
+    by_id = await operator.force_release(ids=[second.claims[0].id])
+
+    assert by_scope == [first.claims[0].id]
+    assert by_id == [second.claims[0].id]
+    assert (await operator.snapshot())["claims"] == []
+    with pytest.raises(BadInput):
+        await operator.force_release()
 
 
 async def test_unreachable_broker_raises(tmp_path: Path, repo: RepoInfo) -> None:

@@ -13,6 +13,8 @@ import orjson
 import pytest
 
 from fleetbus import paths
+from fleetbus.client import connect
+from fleetbus.errors import NotAuthorised
 from fleetbus.security import create_keys, load_public, load_secret
 from tests.faults.harness import Raw
 from tests.support.brokerproc import BrokerProcess
@@ -177,3 +179,16 @@ def test_force_release_can_be_withheld_from_the_local_user(
     done = cli(broker, tmp_path, "release", "--force", "src/a.py")
     assert done.returncode != 0
     assert "operators" in done.stdout + done.stderr
+
+
+def test_the_sdk_force_release_is_refused_to_a_non_operator(
+    broker_factory: Callable[..., BrokerProcess], tmp_path: Path
+) -> None:
+    """Without operator rights ``Session.force_release`` raises NotAuthorised."""
+    broker = broker_factory("strict", extra_args=["--no-local-operator"])
+    repo = f"path:{os.path.realpath(tmp_path)}"
+    stuck_claim(broker, repo)
+    with connect(broker.url, repo=tmp_path, session_id="not-an-operator") as session:
+        with pytest.raises(NotAuthorised):
+            session.force_release("src/a.py")
+        assert [c.sid for c in session.claims()] == ["gone"]

@@ -385,6 +385,26 @@ class AsyncSession(FactsMixin):
                 self._own.prune(self._view, self._applied)
         return released
 
+    async def force_release(
+        self, *scopes: str, ids: list[str] | None = None
+    ) -> list[str]:
+        """Release the claims on ``scopes``, or with ``ids``, whoever holds them.
+
+        For operators: the broker decides who is one (see ``docs/security.md``)
+        and raises :class:`NotAuthorised` for anyone else. The release is
+        logged with this session's name as its author and published as
+        ``claim.released`` with reason ``forced``. Returns the released ids.
+        """
+        fields: dict[str, Any] = {"repo": self.repo.id, "by": self.name}
+        if scopes:
+            fields["scopes"] = [resolve_scope(s, self.repo).text for s in scopes]
+        if ids is not None:
+            fields["ids"] = list(ids)
+        if not scopes and ids is None:
+            raise BadInput("say what to force-release: scopes or ids")
+        reply = await self._request("force_release", **fields)
+        return [str(i) for i in reply.get("released", [])]
+
     async def renew(self, grant: str, ttl: float) -> None:
         """Give the claims of ``grant`` a new TTL of ``ttl`` seconds from now."""
         await self._request("renew", grant=grant, ttl_ms=_millis(ttl, "ttl"))
@@ -866,6 +886,10 @@ class Session(SyncFactsMixin):
     ) -> list[str]:
         """See :meth:`AsyncSession.release`."""
         return self._runner.run(self._core.release(*scopes, grant=grant, all=all))
+
+    def force_release(self, *scopes: str, ids: list[str] | None = None) -> list[str]:
+        """See :meth:`AsyncSession.force_release`."""
+        return self._runner.run(self._core.force_release(*scopes, ids=ids))
 
     def renew(self, grant: str, ttl: float) -> None:
         """See :meth:`AsyncSession.renew`."""
