@@ -192,6 +192,16 @@ def _remove(path: Path) -> Change:
     return Change(path, "removed")
 
 
+def _rewrite(path: Path, old: str, new: str) -> Change:
+    """Replace ``old``, what ``path`` holds, by ``new``; remove it if left blank."""
+    if new == old:
+        return Change(path, "unchanged")
+    if not new.strip():
+        return _remove(path)
+    _write_text(path, new)
+    return Change(path, "written")
+
+
 def _write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.fleetbus-tmp")
@@ -365,12 +375,8 @@ def update_codex_toml(path: Path, fleetbus: str | None) -> Change:
                 "remove or rename it and run again"
             )
         new = _append_block(rest, toml_block(fleetbus))
-    if new == text:
-        return Change(path, "unchanged")
-    if not new.strip():
-        return _remove(path)
-    _write_text(path, new)
-    return Change(path, "written")
+
+    return _rewrite(path, text, new)
 
 
 # -- memory files ---------------------------------------------------------------
@@ -389,12 +395,8 @@ def update_memory(path: Path, add: bool) -> Change:
         text = ""
     rest = _cut_block(text, MEMORY_BEGIN, MEMORY_END)
     new = _append_block(rest, memory_block()) if add else rest
-    if new == text:
-        return Change(path, "unchanged")
-    if not new.strip():
-        return _remove(path)
-    _write_text(path, new)
-    return Change(path, "written")
+
+    return _rewrite(path, text, new)
 
 
 def _cut_block(text: str, begin: str, end: str) -> str:
