@@ -140,6 +140,31 @@ async def test_cancelled_wait_is_withdrawn(join: Callable[..., Any]) -> None:
     assert [row.grant for row in holder.holders("@db")] == [got.id]
 
 
+async def test_claim_cancelled_as_its_grant_arrives_gives_it_back(
+    join: Callable[..., Any],
+) -> None:
+    """A cancel landing between the grant's reply and claim()'s return is kept.
+
+    The grant is released at the broker and the caller sees the cancellation,
+    not a grant it no longer waits for.
+    """
+    a = await join("a")
+    loop = asyncio.get_running_loop()
+    on_reply = a._on_reply
+
+    def cancel_on_grant(reply: dict[str, Any]) -> None:
+        on_reply(reply)
+        if "grant" in reply:
+            loop.call_soon(claiming.cancel)
+
+    a._on_reply = cancel_on_grant  # type: ignore[method-assign]
+    claiming = asyncio.create_task(a.claim("src/", ttl=600))
+    await asyncio.wait({claiming}, timeout=DEADLINE_S)
+
+    assert claiming.cancelled()
+    assert (await a.snapshot())["claims"] == []
+
+
 async def test_deadlock_is_refused(join: Callable[..., Any]) -> None:
     """A wait that would close a cycle is refused, not left to hang."""
     a, b = await join("a"), await join("b")
@@ -432,6 +457,25 @@ async def test_unreachable_broker_raises(tmp_path: Path, repo: RepoInfo) -> None
         await AsyncSession.connect(
             f"ipc://{tmp_path}/none.sock", repo=repo, timeout=0.3
         )
+
+
+def test_blocking_claim_interrupted_after_its_grant_gives_it_back(
+    broker: BrokerProcess, repo: RepoInfo
+) -> None:
+    """Ctrl-C as the grant reaches the calling thread releases that grant."""
+    with connect(broker.url, repo=repo, session_id="sync") as session:
+        run = session._runner.run
+
+        def interrupted(coro: Any) -> Any:
+            run(coro)
+            raise KeyboardInterrupt
+
+        session._runner.run = interrupted  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            session.claim("src/", ttl=600)
+        session._runner.run = run  # type: ignore[method-assign]
+
+        assert session.snapshot()["claims"] == []
 
 
 def test_blocking_session(broker: BrokerProcess, repo: RepoInfo) -> None:

@@ -315,11 +315,18 @@ class AsyncSession(FactsMixin):
         if wait is not None:
             fields["wait_ms"] = _millis(wait, "wait")
         rid = self._new_rid()
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
         try:
             reply = await self._request("claim", patience=wait, rid=rid, **fields)
         except asyncio.CancelledError:
             await self._withdraw(rid)
             raise
+        if task is not None and task.cancelling() > cancels:
+            # On Python 3.11 wait_for returns a reply that raced a cancel and
+            # drops the cancel: the caller gave up, so the grant goes back.
+            await self._withdraw(rid)
+            raise asyncio.CancelledError
         grant = Grant(
             id=str(reply["grant"]),
             fence=int(reply["fence"]),
@@ -814,6 +821,39 @@ class _LoopThread:
         self.loop.close()
 
 
+class _Handover:
+    """A grant passed from the loop thread to a caller that may have gone.
+
+    Whichever side comes second gives the grant back: the loop when the
+    caller was interrupted first, the caller when the grant was already out.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._grant: Grant | None = None
+
+    def deliver(self, grant: Grant) -> bool:
+        """Hand ``grant`` over; False if the caller has already gone."""
+        with self._lock:
+            if self._abandoned:
+                return False
+            self._grant = grant
+            return True
+
+    def abandon(self) -> Grant | None:
+        """The caller goes; returns the grant handed over before, if any."""
+        with self._lock:
+            self._abandoned = True
+            return self._grant
+
+
+async def _give_back(core: AsyncSession, grant: Grant) -> None:
+    """Release a grant nobody holds any more; the broker may be gone too."""
+    with contextlib.suppress(FleetbusError):
+        await core.release(grant=grant.id)
+
+
 class Session(SyncFactsMixin):
     """The blocking form of :class:`AsyncSession`; build one with :func:`connect`.
 
@@ -869,8 +909,30 @@ class Session(SyncFactsMixin):
         return self._core
 
     def claim(self, *scopes: str, **options: Any) -> Grant:
-        """See :meth:`AsyncSession.claim`."""
-        return self._runner.run(self._core.claim(*scopes, **options))
+        """See :meth:`AsyncSession.claim`.
+
+        An interrupted call (Ctrl-C) gives back a grant that came meanwhile,
+        even one that arrived just before the interruption.
+        """
+        handover = _Handover()
+        try:
+            return self._runner.run(self._claim(handover, scopes, options))
+        except BaseException:
+            grant = handover.abandon()
+            if grant is not None:
+                self._runner.loop.call_soon_threadsafe(
+                    self._core._spawn, _give_back(self._core, grant)
+                )
+            raise
+
+    async def _claim(
+        self, handover: _Handover, scopes: tuple[str, ...], options: dict[str, Any]
+    ) -> Grant:
+        grant = await self._core.claim(*scopes, **options)
+        if handover.deliver(grant):
+            return grant
+        await _give_back(self._core, grant)
+        raise asyncio.CancelledError
 
     @contextlib.contextmanager
     def claiming(self, *scopes: str, **options: Any) -> Iterator[Grant]:
