@@ -414,10 +414,6 @@ def _wire(rows: Iterable[Claim]) -> list[dict[str, Any]]:
     return [row.to_wire() for row in rows]
 
 
-def _strip(reply: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in reply.items() if k not in ("rid", "ok")}
-
-
 def _print(line: str) -> None:
     print(line, flush=True)
 
