@@ -41,7 +41,7 @@ try:
     from _sha256 import sha256  # type: ignore[import-not-found,unused-ignore]
 except ImportError:  # Python 3.12 renamed it _sha2.
     try:
-        from _sha2 import sha256  # type: ignore[import-not-found,no-redef,unused-ignore]
+        from _sha2 import sha256  # type: ignore
     except ImportError:
         from hashlib import sha256  # type: ignore[assignment,unused-ignore]
 
