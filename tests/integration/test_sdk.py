@@ -149,15 +149,14 @@ async def test_claim_cancelled_as_its_grant_arrives_gives_it_back(
     not a grant it no longer waits for.
     """
     a = await join("a")
-    loop = asyncio.get_running_loop()
-    on_reply = a._on_reply
+    on_reply = a._connection.on_reply
 
     def cancel_on_grant(reply: dict[str, Any]) -> None:
         on_reply(reply)
         if "grant" in reply:
-            loop.call_soon(claiming.cancel)
+            claiming.cancel()
 
-    a._on_reply = cancel_on_grant  # type: ignore[method-assign]
+    a._connection.on_reply = cancel_on_grant  # type: ignore[method-assign]
     claiming = asyncio.create_task(a.claim("src/", ttl=600))
     await asyncio.wait({claiming}, timeout=DEADLINE_S)
 

@@ -1,13 +1,18 @@
 """A session of the fleet: joins, keeps a replica of the claims, claims, releases.
 
 :class:`AsyncSession` is the core, on asyncio. It joins with ``hello``, keeps
-its lease with heartbeats, and keeps a local replica of its repository's claim
+its lease with heartbeats, and reads a local replica of its repository's claim
 table so that "may I edit this path?" needs no round trip. The replica follows
 the claims stream event by event; a gap, or a broker that restarted (a new
 epoch), makes it start over from a snapshot.
 
-:class:`Session` offers the same methods, blocking, by running one core on a
-private event-loop thread.
+Sessions of one process on one event loop that reach the same broker share
+one connection (see :mod:`fleetbus.client.connection`): one pair of sockets,
+each event decoded once, and one replica per repository, applied once per
+event. Each session still has its own sid, lease, grants and listeners.
+
+:class:`Session` offers the same methods, blocking, by running the core on an
+event-loop thread that every blocking session of the process shares.
 """
 
 from __future__ import annotations
@@ -29,16 +34,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleetbus import log, wire
-from fleetbus.claims import Claim, ClaimView, SessionInfo
+from fleetbus import log
+from fleetbus.claims import Claim, SessionInfo
+from fleetbus.client.connection import (
+    Connection,
+    Replica,
+    SessionClosed,
+    connection_for,
+)
 from fleetbus.client.facts import FactsMixin, SyncFactsMixin, queue_stream
 from fleetbus.client.overlay import OwnChanges
-from fleetbus.client.transport import Transport, open_transport
 from fleetbus.errors import (
     BadInput,
-    BrokerUnavailable,
     FleetbusError,
-    TimedOut,
     UnknownSession,
     error_from_wire,
 )
@@ -54,22 +62,19 @@ def _log() -> Any:
 T = TypeVar("T")
 EventCallback = Callable[[dict[str, Any]], None]
 
-# Retries of an unanswered request start fast (a lost message on a local
-# socket is rare and cheap to repeat) and back off to once a second.
-_FIRST_RETRY_S = 0.2
-_MAX_RETRY_S = 1.0
 _LEAVE_TIMEOUT_S = 1.0
 _REPAIR_BACKOFF_S = 0.2
-# Events buffered while a snapshot is on its way; beyond this the replica will
-# start over anyway, so older ones are dropped.
-_MAX_BUFFER = 100_000
 _UNKEYED_OPS = frozenset({"ping", "status", "snapshot"})
 
-
-class SessionClosed(FleetbusError):
-    """The session was closed while, or before, a request was made."""
-
-    code = "closed"
+__all__ = [
+    "AsyncSession",
+    "EventCallback",
+    "Grant",
+    "Session",
+    "SessionClosed",
+    "connect",
+    "default_meta",
+]
 
 
 @dataclass(frozen=True)
@@ -79,21 +84,6 @@ class Grant:
     id: str
     fence: int
     claims: list[Claim]
-
-
-class _Pending:
-    """A request waiting for its reply, kept for retries and re-sends."""
-
-    __slots__ = ("deadline", "future", "message", "patience", "queued")
-
-    def __init__(
-        self, message: dict[str, Any], future: asyncio.Future[dict[str, Any]]
-    ) -> None:
-        self.message = message
-        self.future = future
-        self.queued = False
-        self.deadline = 0.0
-        self.patience = 0.0
 
 
 def default_meta(repo: RepoInfo) -> dict[str, Any]:
@@ -117,7 +107,7 @@ class AsyncSession(FactsMixin):
 
     def __init__(
         self,
-        transport: Transport,
+        connection: Connection,
         repo: RepoInfo,
         *,
         sid: str,
@@ -138,17 +128,16 @@ class AsyncSession(FactsMixin):
         self.timeout = timeout
         self.lease_ms = 0
         self.heartbeat_ms = 0
-        self._transport = transport
-        self.url = transport.url
+        self._connection = connection
+        self._transport = connection.transport
+        self.url = connection.url
         self._replica = replica
-        self._view = ClaimView()
+        # The replica this session reads: shared with the other sessions of
+        # its repository on the connection, or a detached empty one.
+        self._shared = Replica(connection, repo.id)
         self._own = OwnChanges()
-        self._view_lock = threading.Lock()
-        self._applied = 0
-        self._syncing = True
         self._synced_once = False
-        self._buffer: list[dict[str, Any]] = []
-        self._pending: dict[str, _Pending] = {}
+        self._join_head: int | None = None
         self._rid_prefix = secrets.token_hex(6) + "-"
         self._rid_count = 0
         self._generation = 0
@@ -166,8 +155,12 @@ class AsyncSession(FactsMixin):
         state = "closed" if self._closed else ("syncing" if self._syncing else "live")
         return (
             f"<AsyncSession {self.sid!r} repo={self.repo.id!r} epoch={self.epoch} "
-            f"applied={self._applied} {state}>"
+            f"applied={self.applied} {state}>"
         )
+
+    @property
+    def _syncing(self) -> bool:
+        return self._shared.syncing
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -198,7 +191,7 @@ class AsyncSession(FactsMixin):
         info = repo if isinstance(repo, RepoInfo) else discover(repo)
         sid = session_id or f"s-{secrets.token_hex(8)}"
         session = cls(
-            open_transport(resolve_url(url)),
+            connection_for(resolve_url(url)),
             info,
             sid=sid,
             name=name or sid,
@@ -216,15 +209,24 @@ class AsyncSession(FactsMixin):
         return session
 
     async def _start(self) -> None:
-        self._spawn(self._read_replies())
+        self._connection.attach(self)
         await self._join()
         if self._replica:
-            self._transport.subscribe(wire.claims_topic(self.repo.id))
-            self._spawn(self._read_events())
-            await self._sync()
+            # A replica already live serves at once, once it has the join.
+            shared = self._shared = self._connection.replica(self.repo.id)
+            shared.attach(self)
+            head = self._join_head
+            await shared.wait(
+                lambda: head is None or shared.applied >= head,
+                self.timeout,
+                lambda: f"the replica did not reach seq {head} in time",
+                self._synced_waiters,
+            )
+            self._synced_once = True
+        else:
+            self._spawn(self._repair_loop())
         if self.leased:
             self._heartbeats = self._task(self._heartbeat())
-        self._spawn(self._repair_loop())
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self._task(coro)
@@ -241,6 +243,8 @@ class AsyncSession(FactsMixin):
 
         Leaving releases the session's lease-bound claims at once; without it
         they stay until the lease runs out. Claims with a TTL stay either way.
+        Other sessions sharing this session's connection keep it; the last
+        one to close closes the sockets.
         """
         if self._closed:
             return
@@ -254,10 +258,9 @@ class AsyncSession(FactsMixin):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
-        for pending in self._pending.values():
-            if not pending.future.done():
-                pending.future.set_exception(SessionClosed("the session was closed"))
-        self._transport.close()
+        if self._replica:
+            self._shared.detach(self)
+        self._connection.detach(self)
         for queue in self._queues:
             queue.put_nowait(None)
         self._facts_close()
@@ -305,36 +308,37 @@ class AsyncSession(FactsMixin):
         """
         if not scopes:
             raise BadInput("a claim needs at least one scope")
-        fields: dict[str, Any] = {
-            "scopes": [resolve_scope(text, self.repo).text for text in scopes],
+        repo = self.repo
+        message: dict[str, Any] = {
+            "op": "claim",
+            "rid": self._new_rid(),
+            "sid": self.sid,
+            "scopes": [resolve_scope(text, repo).text for text in scopes],
             "mode": "shared" if shared else "exclusive",
             "intent": intent,
         }
         if ttl is not None:
-            fields["ttl_ms"] = _millis(ttl, "ttl")
+            message["ttl_ms"] = _millis(ttl, "ttl")
         if wait is not None:
-            fields["wait_ms"] = _millis(wait, "wait")
-        rid = self._new_rid()
+            message["wait_ms"] = _millis(wait, "wait")
         task = asyncio.current_task()
         cancels = task.cancelling() if task is not None else 0
         try:
-            reply = await self._request("claim", patience=wait, rid=rid, **fields)
+            reply = await self._send(message, wait)
         except asyncio.CancelledError:
-            await self._withdraw(rid)
+            await self._withdraw(message["rid"])
             raise
         if task is not None and task.cancelling() > cancels:
-            # On Python 3.11 wait_for returns a reply that raced a cancel and
-            # drops the cancel: the caller gave up, so the grant goes back.
-            await self._withdraw(rid)
+            # A cancel that came with the reply: the caller gave up, so the
+            # grant goes back.
+            await self._withdraw(message["rid"])
             raise asyncio.CancelledError
-        grant = Grant(
-            id=str(reply["grant"]),
-            fence=int(reply["fence"]),
-            claims=[Claim.from_wire(row) for row in reply.get("claims", [])],
-        )
+        rows = [Claim.from_wire(row) for row in reply.get("claims", ())]
+        grant = Grant(id=str(reply["grant"]), fence=int(reply["fence"]), claims=rows)
         if self._replica:
-            with self._view_lock:
-                self._own.granted(grant.claims, self._applied)
+            replica = self._shared
+            with replica.lock:
+                self._own.granted(rows, replica.applied)
         return grant
 
     async def _withdraw(self, rid: str) -> None:
@@ -375,21 +379,26 @@ class AsyncSession(FactsMixin):
         Returns the ids of the released claims. Raises :class:`NotOwner` for a
         claim held by another session.
         """
-        fields: dict[str, Any]
+        message: dict[str, Any] = {
+            "op": "release",
+            "rid": self._new_rid(),
+            "sid": self.sid,
+        }
         if all:
-            fields = {"all": True}
+            message["all"] = True
         elif grant is not None:
-            fields = {"grant": grant}
+            message["grant"] = grant
         elif scopes:
-            fields = {"scopes": [resolve_scope(s, self.repo).text for s in scopes]}
+            message["scopes"] = [resolve_scope(s, self.repo).text for s in scopes]
         else:
             raise BadInput("say what to release: scopes, a grant, or all")
-        reply = await self._request("release", **fields)
-        released = [str(i) for i in reply.get("released", [])]
+        reply = await self._send(message, None)
+        released = [str(i) for i in reply.get("released", ())]
         if self._replica and released:
-            with self._view_lock:
-                self._own.released(released, self._view)
-                self._own.prune(self._view, self._applied)
+            shared = self._shared
+            with shared.lock:
+                self._own.released(released, shared.view)
+                self._own.prune(shared.view, shared.applied)
         return released
 
     async def force_release(
@@ -432,36 +441,50 @@ class AsyncSession(FactsMixin):
     def holders(self, path: str) -> list[Claim]:
         """The claims whose scope matches ``path``, from the local replica."""
         target = repo_path(path, self.repo)
-        with self._view_lock:
-            return self._own.merge(list(self._view.holders(target)), target)
+        shared = self._shared
+        with shared.lock:
+            rows = list(shared.view.holders(target))
+            return self._merged(rows, target) if self._own else rows
 
     def may_edit(self, path: str) -> bool:
         """Whether this session may edit ``path``, from the local replica."""
         target = repo_path(path, self.repo)
-        with self._view_lock:
-            return bool(self._view.may_edit(target, self.sid))
+        shared = self._shared
+        with shared.lock:
+            return bool(shared.view.may_edit(target, self.sid))
 
     def claims(self, *, mine: bool = False) -> list[Claim]:
         """Every claim in the replica, or only this session's."""
-        with self._view_lock:
-            return self._own.merge(list(self._view.claims(self.sid if mine else None)))
+        shared = self._shared
+        with shared.lock:
+            rows = list(shared.view.claims(self.sid if mine else None))
+            return self._merged(rows) if self._own else rows
+
+    def _merged(self, rows: list[Claim], path: str | None = None) -> list[Claim]:
+        """``rows`` with this session's own changes; the replica's lock is held."""
+        shared = self._shared
+        self._own.prune(shared.view, shared.applied)
+        return self._own.merge(rows, path)
 
     @property
     def sessions(self) -> dict[str, SessionInfo]:
         """The sessions of the fleet as the replica knows them, by sid."""
-        with self._view_lock:
-            return dict(self._view.sessions)
+        shared = self._shared
+        with shared.lock:
+            return dict(shared.view.sessions)
 
     def view_snapshot(self) -> dict[str, Any]:
         """The replica's state, in the shape of a ``snapshot`` reply."""
-        with self._view_lock:
-            state: dict[str, Any] = self._view.snapshot()
-        return {**state, "head": self._applied, "epoch": self.epoch}
+        shared = self._shared
+        with shared.lock:
+            state: dict[str, Any] = shared.view.snapshot()
+            head = shared.applied
+        return {**state, "head": head, "epoch": self.epoch}
 
     @property
     def applied(self) -> int:
         """The ``seq`` of the last claims-stream event applied to the replica."""
-        return self._applied
+        return self._shared.applied
 
     async def wait_synced(
         self, seq: int | None = None, *, timeout: float | None = None
@@ -482,33 +505,13 @@ class AsyncSession(FactsMixin):
             self._check_epoch(reply)
             seq = int(reply["head"])
         target = seq
-        await self._wait_replica(
-            lambda: self._applied >= target,
+        shared = self._shared
+        await shared.wait(
+            lambda: shared.applied >= target,
             self.timeout if timeout is None else timeout,
-            lambda: f"replica reached seq {self._applied}, not {target}, in time",
+            lambda: f"replica reached seq {shared.applied}, not {target}, in time",
+            self._synced_waiters,
         )
-
-    async def _wait_replica(
-        self, done: Callable[[], bool], timeout: float, failure: Callable[[], str]
-    ) -> None:
-        """Wait until the replica is live and ``done()``; TimedOut after ``timeout``."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while self._syncing or not done():
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._synced_waiters.append(waiter)
-            try:
-                await asyncio.wait_for(waiter, max(0.0, deadline - loop.time()))
-            except TimeoutError:
-                raise TimedOut(failure()) from None
-            finally:
-                with contextlib.suppress(ValueError):
-                    self._synced_waiters.remove(waiter)
-
-    def _wake_synced(self) -> None:
-        for waiter in self._synced_waiters:
-            if not waiter.done():
-                waiter.set_result(None)
 
     # -- events ---------------------------------------------------------------
 
@@ -562,11 +565,20 @@ class AsyncSession(FactsMixin):
         message = {"op": op, "rid": rid or self._new_rid(), **fields}
         if op not in _UNKEYED_OPS:
             message["sid"] = self.sid
+        return await self._send(message, patience, timeout)
+
+    async def _send(
+        self,
+        message: dict[str, Any],
+        patience: float | None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """:meth:`_request` for a message already built."""
         generation = self._generation
         try:
             return await self._exchange(message, patience, timeout)
         except UnknownSession:
-            if op in ("hello", "leave") or self._closed or not self.joins:
+            if message["op"] in ("hello", "leave") or self._closed or not self.joins:
                 raise
         await self._lost(generation)
         return await self._exchange(message, patience, timeout)
@@ -583,61 +595,11 @@ class AsyncSession(FactsMixin):
     ) -> dict[str, Any]:
         if self._closed:
             raise SessionClosed("the session is closed")
-        loop = asyncio.get_running_loop()
-        rid = message["rid"]
-        pending = _Pending(message, loop.create_future())
         limit = self.timeout if timeout is None else timeout
-        pending.deadline = loop.time() + limit
-        pending.patience = (patience or 0.0) + limit
-        self._pending[rid] = pending
-        delay = min(_FIRST_RETRY_S, limit)
-        try:
-            self._transport.send(message)
-            while True:
-                remaining = pending.deadline - loop.time()
-                if remaining <= 0:
-                    raise self._no_answer(pending, limit)
-                step = remaining if pending.queued else min(delay, remaining)
-                try:
-                    reply = await asyncio.wait_for(asyncio.shield(pending.future), step)
-                except TimeoutError:
-                    if not pending.queued:
-                        self._transport.send(message)
-                        delay = min(delay * 2, _MAX_RETRY_S)
-                    continue
-                if reply.get("ok"):
-                    return reply
-                raise error_from_wire(reply.get("error") or {})
-        finally:
-            self._pending.pop(rid, None)
-
-    def _no_answer(self, pending: _Pending, limit: float) -> FleetbusError:
-        op = pending.message["op"]
-        if pending.queued:
-            return TimedOut(f"no final answer to a queued {op} from the broker")
-        return BrokerUnavailable(
-            f"no answer to {op} from the broker at {self._transport.url} "
-            f"within {limit:g}s"
-        )
-
-    async def _read_replies(self) -> None:
-        while True:
-            for reply in await self._transport.replies():
-                self._on_reply(reply)
-
-    def _on_reply(self, reply: dict[str, Any]) -> None:
-        pending = self._pending.get(reply.get("rid"))  # type: ignore[arg-type]
-        if pending is None:
-            if reply.get("rid") is None:
-                _log().warning("reply.protocol_error", error=reply.get("error"))
-            return
-        if reply.get("ok") and reply.get("queued"):
-            pending.queued = True
-            loop = asyncio.get_running_loop()
-            pending.deadline = loop.time() + pending.patience
-            return
-        if not pending.future.done():
-            pending.future.set_result(reply)
+        reply = await self._connection.exchange(message, self, limit, patience)
+        if reply.get("ok"):
+            return reply
+        raise error_from_wire(reply.get("error") or {})
 
     # -- joining, leases, recovery --------------------------------------------
 
@@ -655,6 +617,8 @@ class AsyncSession(FactsMixin):
         self.epoch = int(reply["epoch"])
         self.lease_ms = int(reply.get("lease_ms", 5000))
         self.heartbeat_ms = int(reply.get("heartbeat_ms", self.lease_ms // 3))
+        head = reply.get("head")
+        self._join_head = head if isinstance(head, int) else None
         if self._replica:
             self._transport.attach_events(reply["pub"])
         self._generation += 1
@@ -668,8 +632,19 @@ class AsyncSession(FactsMixin):
             _log().warning("session.lost", sid=self.sid, epoch=self.epoch)
             self._emit({"type": "session.lost", "sid": self.sid, "reason": "unknown"})
             await self._join()
-        self._resend_queued()
+        self._connection.resend_queued(self)
         self._want_repair()
+
+    async def _rejoin_if_wanted(self) -> None:
+        """Join again if a new broker epoch asked for it; re-send queued claims."""
+        if self._closed:
+            return
+        async with self._rejoin_lock:
+            if not self._rejoin:
+                return
+            await self._join()
+            self._rejoin = False
+        self._connection.resend_queued(self)
 
     async def _heartbeat(self) -> None:
         # Ends on its own once stopped too: on Python 3.11 a cancellation that
@@ -691,103 +666,32 @@ class AsyncSession(FactsMixin):
             self._want_repair(rejoin=True)
 
     def _want_repair(self, *, rejoin: bool = False) -> None:
-        """Start over from a snapshot, after joining again if ``rejoin``."""
-        self._syncing = True
+        """Start over from a snapshot, after joining again if ``rejoin``.
+
+        The shared replica does both, for every session that follows it; a
+        session without a replica only joins again.
+        """
+        if self._closed:
+            return
         self._rejoin = self._rejoin or rejoin
-        self._repair_wanted.set()
+        if self._replica:
+            self._shared.want_repair()
+        else:
+            self._repair_wanted.set()
 
     async def _repair_loop(self) -> None:
+        """Join again when asked, for a session that keeps no replica."""
         while not self._closed:
             await self._repair_wanted.wait()
             self._repair_wanted.clear()
             try:
-                if self._rejoin:
-                    self._rejoin = False
-                    async with self._rejoin_lock:
-                        await self._join()
-                    self._resend_queued()
-                if self._replica:
-                    await self._sync()
+                await self._rejoin_if_wanted()
             except SessionClosed:
                 return
             except FleetbusError as exc:
                 _log().warning("repair.failed", sid=self.sid, error=str(exc))
                 self._want_repair()
                 await asyncio.sleep(_REPAIR_BACKOFF_S)
-
-    def _resend_queued(self) -> None:
-        """A restarted broker gets our queued claims again, under their rids."""
-        for pending in list(self._pending.values()):
-            if pending.queued:
-                self._transport.send(pending.message)
-
-    async def _sync(self) -> None:
-        """Load a snapshot, then apply what was buffered meanwhile."""
-        self._syncing = True
-        snapshot = await self._request("snapshot", repo=self.repo.id)
-        if snapshot.get("epoch") != self.epoch:
-            self._want_repair(rejoin=True)
-            return
-        first = not self._synced_once
-        self._synced_once = True
-        with self._view_lock:
-            self._view.load(snapshot)
-            self._applied = int(snapshot["head"])
-            self._own.prune(self._view, self._applied)
-        self._syncing = False
-        buffered, self._buffer = self._buffer, []
-        for event in buffered:
-            if not self._apply(event):
-                break
-        self._wake_synced()
-        _log().debug("replica.synced", sid=self.sid, head=self._applied)
-        if not first:
-            self._emit({"type": "resync", "epoch": self.epoch, "head": self._applied})
-
-    async def _read_events(self) -> None:
-        while True:
-            for topic, event in await self._transport.events():
-                if topic.startswith(wire.FACTS_KIND):
-                    self._on_fact_event(topic, event)
-                else:
-                    self._on_event(event)
-
-    def _on_event(self, event: dict[str, Any]) -> None:
-        if event.get("type") == "heartbeat":
-            head = event.get("head")
-            if event.get("epoch") != self.epoch:
-                self._want_repair(rejoin=True)
-            elif not self._syncing and isinstance(head, int) and head > self._applied:
-                self._want_repair()
-            else:
-                self._facts_on_heartbeat(event)
-            return
-        if self._syncing:
-            if len(self._buffer) >= _MAX_BUFFER:
-                self._buffer.clear()
-            self._buffer.append(event)
-            return
-        self._apply(event)
-
-    def _apply(self, event: dict[str, Any]) -> bool:
-        """Apply one event in order; False (and a resync) on a gap."""
-        seq = event.get("seq")
-        if not isinstance(seq, int) or seq <= self._applied:
-            return True
-        if event.get("prev") != self._applied:
-            _log().info(
-                "replica.gap", sid=self.sid, applied=self._applied, prev=event["prev"]
-            )
-            self._want_repair()
-            return False
-        with self._view_lock:
-            self._view.apply(event)
-            self._applied = seq
-            if self._own:
-                self._own.prune(self._view, seq)
-        self._wake_synced()
-        self._emit(event)
-        return True
 
 
 def _millis(seconds: float, what: str) -> int:
@@ -797,14 +701,43 @@ def _millis(seconds: float, what: str) -> int:
 
 
 class _LoopThread:
-    """An event loop running on a daemon thread, driven from other threads."""
+    """An event loop running on a daemon thread, driven from other threads.
+
+    Blocking sessions of one process share one (see :meth:`acquire`), and so
+    share one connection per broker too.
+    """
+
+    _shared: _LoopThread | None = None
+    _shared_lock = threading.Lock()
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
+        self.users = 0
+        self.pid = os.getpid()
         self._thread = threading.Thread(
             target=self.loop.run_forever, name="fleetbus-session", daemon=True
         )
         self._thread.start()
+
+    @classmethod
+    def acquire(cls) -> _LoopThread:
+        """The process's shared loop thread, started if none runs; count a user."""
+        with cls._shared_lock:
+            runner = cls._shared
+            if runner is None or runner.pid != os.getpid() or runner.loop.is_closed():
+                runner = cls._shared = cls()
+            runner.users += 1
+            return runner
+
+    def release(self) -> None:
+        """One user fewer; the last one stops the loop and its thread."""
+        with self._shared_lock:
+            self.users -= 1
+            if self.users > 0:
+                return
+            if _LoopThread._shared is self:
+                _LoopThread._shared = None
+        self.stop()
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -857,9 +790,10 @@ async def _give_back(core: AsyncSession, grant: Grant) -> None:
 class Session(SyncFactsMixin):
     """The blocking form of :class:`AsyncSession`; build one with :func:`connect`.
 
-    One private event-loop thread runs the core; every method blocks until the
-    core has done its part. Replica reads (:meth:`holders`, :meth:`may_edit`,
-    :meth:`claims`) do not cross threads.
+    An event-loop thread, shared by the blocking sessions of the process, runs
+    the core; every method blocks until the core has done its part. Replica
+    reads (:meth:`holders`, :meth:`may_edit`, :meth:`claims`) do not cross
+    threads.
     """
 
     _core: AsyncSession
@@ -868,15 +802,16 @@ class Session(SyncFactsMixin):
     def __init__(self, core: AsyncSession, runner: _LoopThread) -> None:
         self._core = core
         self._runner = runner
+        self._closed = False
 
     @classmethod
     def connect(cls, url: str | None = None, **options: Any) -> Session:
         """Join the fleet; takes the arguments of :meth:`AsyncSession.connect`."""
-        runner = _LoopThread()
+        runner = _LoopThread.acquire()
         try:
             core = runner.run(AsyncSession.connect(url, **options))
         except BaseException:
-            runner.stop()
+            runner.release()
             raise
         return cls(core, runner)
 
@@ -1002,13 +937,14 @@ class Session(SyncFactsMixin):
                     self._runner.run(_close_events(stream))
 
     def close(self, *, leave: bool = True) -> None:
-        """See :meth:`AsyncSession.close`; also ends the loop thread."""
-        if self._runner.loop.is_closed():
+        """See :meth:`AsyncSession.close`; the last session ends the loop thread."""
+        if self._closed:
             return
+        self._closed = True
         try:
             self._runner.run(self._core.close(leave=leave))
         finally:
-            self._runner.stop()
+            self._runner.release()
 
     def __enter__(self) -> Session:
         return self
