@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, NamedTuple, cast
+from typing import Any, Literal, NamedTuple, Protocol, cast
 
 from fleetbus import wire
 from fleetbus.errors import BadInput, LimitExceeded, NotOwner, ProtocolError
@@ -42,14 +42,19 @@ __all__ = [
     "FactFeed",
     "FactLimits",
     "FactOutcome",
+    "FactQuery",
+    "FactRows",
     "FactStreamTracker",
     "FactTable",
     "FactTooLarge",
     "Kind",
+    "MemoryFactRows",
     "StampedEvent",
     "State",
+    "StreamHeads",
     "check_body",
     "check_kind",
+    "concerns_any",
     "fact_topics",
     "facts_stream",
     "subscription_topics",
@@ -281,23 +286,112 @@ class FactOutcome:
     reply: Fact | None = None
 
 
-class FactTable:
-    """The retained facts of one repository, as the broker keeps them.
+class FactQuery(NamedTuple):
+    """The filters of a query over retained facts; see :meth:`FactTable.query`."""
 
-    Facts are held in publication order, so the oldest comes first when
-    retention drops some. Ended facts stay, as history, until retention drops
-    them. A call that raises has changed nothing.
+    scopes: list[Scope] | None = None
+    kind: str | None = None
+    author: str | None = None
+    since: int | None = None
+    since_wall: float | None = None
+    changed_since: int | None = None
+    ids: set[str] | None = None
+    include_history: bool = False
+    limit: int = 100
+
+    @property
+    def history(self) -> bool:
+        """Whether ended facts match too."""
+        return self.include_history or self.changed_since is not None
+
+    @property
+    def keeps_first(self) -> bool:
+        """Whether a query with more matches than its limit keeps the first."""
+        return self.since is not None or self.changed_since is not None
+
+    def admits(self, fact: Fact) -> bool:
+        """Whether ``fact`` passes every filter but the scopes."""
+        return (
+            (self.history or fact.live)
+            and (self.kind is None or fact.kind == self.kind)
+            and (self.author is None or self.author in (fact.sid, fact.name))
+            and (self.since is None or fact.seq > self.since)
+            and (self.since_wall is None or fact.at >= self.since_wall)
+            and (self.changed_since is None or fact.changed > self.changed_since)
+            and (self.ids is None or fact.id in self.ids)
+        )
+
+
+def concerns_any(topics: Iterable[Scope], scopes: list[Scope]) -> bool:
+    """Whether one of ``topics`` overlaps one of ``scopes``."""
+    return any(overlaps(topic, scope) for topic in topics for scope in scopes)
+
+
+class FactRows(Protocol):
+    """Where a :class:`FactTable` keeps its retained facts.
+
+    The table decides; the rows hold facts and answer queries. Facts handed
+    to :meth:`add` and :meth:`ended` are final for that change; facts
+    returned are the caller's to change and hand back.
     """
 
-    def __init__(
-        self, repo: str, sequence: Sequence, limits: FactLimits | None = None
-    ) -> None:
-        self.repo = repo
-        self.sequence = sequence
-        self.limits = limits or FactLimits()
+    def __len__(self) -> int:
+        """The number of retained facts, live or ended."""
+        ...
+
+    def get(self, fact_id: str) -> Fact | None:
+        """The retained fact ``fact_id``, live or not."""
+        ...
+
+    def add(self, fact: Fact) -> None:
+        """Hold a newly published fact."""
+        ...
+
+    def ended(self, facts: list[Fact]) -> None:
+        """Take the new state of facts that ended."""
+        ...
+
+    def remove(self, facts: list[Fact]) -> None:
+        """Forget facts."""
+        ...
+
+    def oldest(self, count: int, *, at_most: float | None = None) -> list[Fact]:
+        """Up to ``count`` facts in order of publication, oldest first; with
+        ``at_most``, only up to the first published after that wall time."""
+        ...
+
+    def first_at(self) -> float | None:
+        """The wall time of the oldest retained fact."""
+        ...
+
+    def expiring(self) -> Iterable[tuple[float, str]]:
+        """``(expires, id)`` of every live fact with an expiry."""
+        ...
+
+    def select(self, query: FactQuery) -> tuple[list[Fact], bool]:
+        """The facts matching ``query``, and whether more did."""
+        ...
+
+    def concerning(self, scopes: list[Scope]) -> Iterator[Fact]:
+        """The live facts with a topic overlapping one of ``scopes``, in order."""
+        ...
+
+
+class StreamHeads(Protocol):
+    """Where the heads of the facts streams are kept."""
+
+    def link(self, stream: str, seq: int) -> int:
+        """Make ``seq`` the head of ``stream``; return the head it replaces."""
+        ...
+
+
+class MemoryFactRows:
+    """Retained facts held in memory: a table on its own, and the reference
+    for a stored one."""
+
+    def __init__(self) -> None:
         self._facts: OrderedDict[str, Fact] = OrderedDict()
         self._index: ScopeIndex[str] = ScopeIndex()
-        self._expiry: list[tuple[float, str]] = []
         # Fact ids in order of their last change, so that a catch-up query
         # reads only what changed instead of every fact on its scopes.
         self._changes: OrderedDict[str, None] = OrderedDict()
@@ -309,15 +403,146 @@ class FactTable:
         return iter(list(self._facts.values()))
 
     def get(self, fact_id: str) -> Fact | None:
-        """The retained fact ``fact_id``, live or not."""
         return self._facts.get(fact_id)
 
-    def restore(self, facts: Iterable[Fact]) -> None:
-        """Load stored facts after a restart, emitting nothing."""
-        for fact in sorted(facts, key=lambda f: f.seq):
-            self._hold(fact)
+    def add(self, fact: Fact) -> None:
+        self._facts[fact.id] = fact
+        self._changes[fact.id] = None
+        self._changes.move_to_end(fact.id)
+        for topic in fact.topics:
+            self._index.add(topic, fact.id)
+
+    def ended(self, facts: list[Fact]) -> None:
+        for fact in facts:
+            self._facts[fact.id] = fact
+            self._changes.move_to_end(fact.id)
+
+    def remove(self, facts: list[Fact]) -> None:
+        for fact in facts:
+            if self._facts.pop(fact.id, None) is None:
+                continue
+            del self._changes[fact.id]
+            for topic in fact.topics:
+                self._index.discard(topic, fact.id)
+
+    def sort_changes(self) -> None:
+        """Order the changes by ``changed`` (after a restore)."""
         by_change = sorted(self._facts.values(), key=lambda f: f.changed)
         self._changes = OrderedDict((fact.id, None) for fact in by_change)
+
+    def oldest(self, count: int, *, at_most: float | None = None) -> list[Fact]:
+        out: list[Fact] = []
+        for fact in self._facts.values():
+            if len(out) >= count or (at_most is not None and fact.at > at_most):
+                break
+            out.append(fact)
+        return out
+
+    def first_at(self) -> float | None:
+        first = next(iter(self._facts.values()), None)
+        return None if first is None else first.at
+
+    def expiring(self) -> Iterable[tuple[float, str]]:
+        return [
+            (fact.expires, fact.id)
+            for fact in self._facts.values()
+            if fact.live and fact.expires is not None
+        ]
+
+    def select(self, query: FactQuery) -> tuple[list[Fact], bool]:
+        if query.changed_since is not None:
+            candidates = self._changed_after(query.changed_since)
+        else:
+            candidates = self._candidates(query.scopes)
+        scopes = query.scopes if query.changed_since is not None else None
+        found = [
+            fact
+            for fact in candidates
+            if query.admits(fact)
+            and (scopes is None or concerns_any(fact.topics, scopes))
+        ]
+        return _page(found, query)
+
+    def concerning(self, scopes: list[Scope]) -> Iterator[Fact]:
+        return (fact for fact in self._candidates(scopes) if fact.live)
+
+    def _candidates(self, scopes: Iterable[Scope] | None) -> list[Fact]:
+        if scopes is None:
+            return list(self._facts.values())
+        hits: set[str] = set()
+        for scope in scopes:
+            hits.update(fact_id for _, fact_id in self._index.overlapping(scope))
+        return sorted((self._facts[i] for i in hits), key=lambda fact: fact.seq)
+
+    def _changed_after(self, seq: int) -> list[Fact]:
+        """Facts changed after ``seq``, in order of change."""
+        recent: list[Fact] = []
+        for fact_id in reversed(self._changes):
+            fact = self._facts[fact_id]
+            if fact.changed <= seq:
+                break
+            recent.append(fact)
+        recent.reverse()
+        return recent
+
+
+def _page(found: list[Fact], query: FactQuery) -> tuple[list[Fact], bool]:
+    """At most ``query.limit`` of ``found``: the first or the newest."""
+    if len(found) <= query.limit:
+        return found, False
+    if query.keeps_first:
+        return found[: query.limit], True
+    return found[len(found) - query.limit :], True
+
+
+AGE_DROPS_PER_TICK = 10_000
+"""Most facts one tick drops for age; the next tick goes on."""
+
+
+class FactTable:
+    """The retained facts of one repository, as the broker keeps them.
+
+    Facts are held in publication order, so the oldest comes first when
+    retention drops some. Ended facts stay, as history, until retention drops
+    them. A call that raises has changed nothing.
+
+    ``rows`` keeps the facts (in memory by default) and ``heads`` the heads
+    of the facts streams (by default the sequence's own); only the expiry
+    times of live facts are held by the table itself.
+    """
+
+    def __init__(
+        self,
+        repo: str,
+        sequence: Sequence,
+        limits: FactLimits | None = None,
+        *,
+        rows: FactRows | None = None,
+        heads: StreamHeads | None = None,
+    ) -> None:
+        self.repo = repo
+        self.sequence = sequence
+        self.limits = limits or FactLimits()
+        self.rows: FactRows = rows if rows is not None else MemoryFactRows()
+        self.heads: StreamHeads = heads if heads is not None else sequence
+        self._expiry: list[tuple[float, str]] = list(self.rows.expiring())
+        heapq.heapify(self._expiry)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def get(self, fact_id: str) -> Fact | None:
+        """The retained fact ``fact_id``, live or not."""
+        return self.rows.get(fact_id)
+
+    def restore(self, facts: Iterable[Fact]) -> None:
+        """Load stored facts into a table kept in memory, emitting nothing."""
+        for fact in sorted(facts, key=lambda f: f.seq):
+            self.rows.add(fact)
+            if fact.live and fact.expires is not None:
+                heapq.heappush(self._expiry, (fact.expires, fact.id))
+        if isinstance(self.rows, MemoryFactRows):
+            self.rows.sort_changes()
 
     # -- changes ----------------------------------------------------------------
 
@@ -362,7 +587,9 @@ class FactTable:
             changed=seq,
         )
         out = FactOutcome(reply=fact)
-        self._hold(fact)
+        self.rows.add(fact)
+        if fact.expires is not None:
+            heapq.heappush(self._expiry, (fact.expires, fact.id))
         self._emit(
             out,
             {"type": "fact.published", "seq": seq, "fact": fact.to_wire()},
@@ -380,7 +607,7 @@ class FactTable:
         Retracting a fact already retracted changes nothing. Only the author may
         retract (:class:`NotOwner`); superseding is open to every session.
         """
-        fact = self._facts.get(fact_id)
+        fact = self.rows.get(fact_id)
         if fact is None:
             raise BadInput(f"no fact {fact_id!r} in this repository", field="id")
         if fact.sid != sid:
@@ -403,34 +630,28 @@ class FactTable:
         heap = self._expiry
         while heap and heap[0][0] <= now:
             expires, fact_id = heapq.heappop(heap)
-            fact = self._facts.get(fact_id)
+            fact = self.rows.get(fact_id)
             if fact is not None and fact.live and fact.expires == expires:
                 expired.append(fact)
         if expired:
             self._end(expired, "expired", now, out)
         max_age = self.limits.max_age_s
         if max_age is not None:
-            old: list[Fact] = []
-            for fact in self._oldest():
-                if fact.at > now - max_age:
-                    break
-                old.append(fact)
-            self._drop(old, "age", out)
+            first = self.rows.first_at()
+            if first is not None and first <= now - max_age:
+                old = self.rows.oldest(AGE_DROPS_PER_TICK, at_most=now - max_age)
+                self._drop(old, "age", out)
         return out
 
     def next_due(self) -> float | None:
         """The earliest wall time at which :meth:`tick` has work to do."""
         heap = self._expiry
-        while heap:
-            expires, fact_id = heap[0]
-            fact = self._facts.get(fact_id)
-            if fact is not None and fact.live and fact.expires == expires:
-                break
-            heapq.heappop(heap)
         times = [heap[0][0]] if heap else []
-        if self.limits.max_age_s is not None and self._facts:
-            first = next(iter(self._facts.values()))
-            times.append(first.at + self.limits.max_age_s)
+        max_age = self.limits.max_age_s
+        if max_age is not None:
+            first = self.rows.first_at()
+            if first is not None:
+                times.append(first + max_age)
         return min(times, default=None)
 
     # -- queries -----------------------------------------------------------------
@@ -461,53 +682,23 @@ class FactTable:
         ``changed_since`` keeps the first ones, so it can page on; otherwise
         it keeps the newest.
         """
-        history = include_history or changed_since is not None
-        if changed_since is not None:
-            candidates = self._changed_after(changed_since, scopes)
-        else:
-            candidates = self._candidates(scopes)
-        found = [
-            fact
-            for fact in candidates
-            if (history or fact.live)
-            and (kind is None or fact.kind == kind)
-            and (author is None or author in (fact.sid, fact.name))
-            and (since is None or fact.seq > since)
-            and (since_wall is None or fact.at >= since_wall)
-            and (ids is None or fact.id in ids)
-        ]
-        more = len(found) > limit
-        if not more:
-            return found, False
-        if since is not None or changed_since is not None:
-            return found[:limit], True
-        return found[len(found) - limit :], True
+        return self.rows.select(
+            FactQuery(
+                scopes=None if scopes is None else list(scopes),
+                kind=kind,
+                author=author,
+                since=since,
+                since_wall=since_wall,
+                changed_since=changed_since,
+                ids=ids,
+                include_history=include_history,
+                limit=limit,
+            )
+        )
 
-    def concerning(self, scopes: Iterable[Scope]) -> list[Fact]:
-        """The live facts with a topic overlapping one of ``scopes``."""
-        return [fact for fact in self._candidates(scopes) if fact.live]
-
-    def _candidates(self, scopes: Iterable[Scope] | None) -> list[Fact]:
-        if scopes is None:
-            return list(self._facts.values())
-        hits: set[str] = set()
-        for scope in scopes:
-            hits.update(fact_id for _, fact_id in self._index.overlapping(scope))
-        return sorted((self._facts[i] for i in hits), key=lambda fact: fact.seq)
-
-    def _changed_after(self, seq: int, scopes: Iterable[Scope] | None) -> list[Fact]:
-        """Facts changed after ``seq`` on ``scopes`` (or all), in order of change."""
-        recent: list[Fact] = []
-        for fact_id in reversed(self._changes):
-            fact = self._facts[fact_id]
-            if fact.changed <= seq:
-                break
-            recent.append(fact)
-        recent.reverse()
-        if scopes is None:
-            return recent
-        wanted = list(scopes)
-        return [fact for fact in recent if any(map(fact.concerns, wanted))]
+    def concerning(self, scopes: Iterable[Scope]) -> Iterator[Fact]:
+        """The live facts with a topic overlapping one of ``scopes``, in order."""
+        return self.rows.concerning(list(scopes))
 
     # -- internals ----------------------------------------------------------------
 
@@ -531,29 +722,11 @@ class FactTable:
             )
 
     def _live(self, fact_id: str) -> Fact:
-        fact = self._facts.get(fact_id)
+        fact = self.rows.get(fact_id)
         if fact is None or not fact.live:
             state = "no such fact" if fact is None else f"it is {fact.state}"
             raise BadInput(f"cannot supersede {fact_id!r}: {state}", field="supersedes")
         return fact
-
-    def _hold(self, fact: Fact) -> None:
-        self._facts[fact.id] = fact
-        self._changes[fact.id] = None
-        for topic in fact.topics:
-            self._index.add(topic, fact.id)
-        if fact.live and fact.expires is not None:
-            heapq.heappush(self._expiry, (fact.expires, fact.id))
-
-    def _forget(self, fact: Fact) -> None:
-        del self._facts[fact.id]
-        del self._changes[fact.id]
-        for topic in fact.topics:
-            self._index.discard(topic, fact.id)
-
-    def _oldest(self) -> Iterator[Fact]:
-        """Facts oldest first, for as long as the caller keeps asking."""
-        yield from list(self._facts.values())
 
     def _emit(
         self,
@@ -562,9 +735,9 @@ class FactTable:
         topics: Iterable[Scope],
     ) -> None:
         seq = int(event["seq"])
+        link = self.heads.link
         links = [
-            (prefix, self.sequence.link(facts_stream(prefix), seq))
-            for prefix in fact_topics(topics)
+            (prefix, link(facts_stream(prefix), seq)) for prefix in fact_topics(topics)
         ]
         out.events.append(StampedEvent(event, links))
 
@@ -583,10 +756,10 @@ class FactTable:
                 fact.state = reason
                 fact.changed = seq
                 fact.ended_at = now
-                self._changes.move_to_end(fact.id)
                 if reason == "superseded":
                     fact.superseded_by = by
                 out.changed.append(fact)
+            self.rows.ended(group)
             event: dict[str, Any] = {
                 "type": "fact.ended",
                 "seq": seq,
@@ -600,18 +773,15 @@ class FactTable:
 
     def _retain_count(self, out: FactOutcome) -> None:
         most = self.limits.max_facts
-        if most is None or len(self._facts) <= most:
+        if most is None or len(self.rows) <= most:
             return
-        excess = len(self._facts) - most
-        oldest = self._oldest()
-        self._drop([next(oldest) for _ in range(excess)], "count", out)
+        self._drop(self.rows.oldest(len(self.rows) - most), "count", out)
 
     def _drop(self, facts: list[Fact], limit: str, out: FactOutcome) -> None:
         """Forget facts for retention: one event per distinct set of topics."""
         for group in _by_topics(facts):
-            for fact in group:
-                self._forget(fact)
-                out.dropped.append(fact.id)
+            self.rows.remove(group)
+            out.dropped.extend(fact.id for fact in group)
             event = {
                 "type": "fact.dropped",
                 "seq": self.sequence.next_number(),

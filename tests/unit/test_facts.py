@@ -20,6 +20,7 @@ from fleetbus.facts import (
     FactStreamTracker,
     FactTable,
     FactTooLarge,
+    MemoryFactRows,
     StampedEvent,
     check_body,
     subscription_topics,
@@ -36,6 +37,11 @@ def scopes(*texts: str) -> list[Any]:
 
 def table(**limits: Any) -> FactTable:
     return FactTable(REPO, Sequence(), FactLimits(**limits))
+
+
+def held(t: FactTable) -> list[Fact]:
+    assert isinstance(t.rows, MemoryFactRows)
+    return list(t.rows)
 
 
 def publish(t: FactTable, *topics: str, text: str = "x", **options: Any) -> Fact:
@@ -357,7 +363,7 @@ def test_changed_since_on_scopes_reads_changes_in_order_after_restore() -> None:
     publish(t, "docs/x.md")
     t.retract("s1", a.id, 2.0)
     copy = FactTable(REPO, Sequence(t.sequence.seq), FactLimits())
-    copy.restore(Fact.from_wire(f.to_wire()) for f in t)
+    copy.restore(Fact.from_wire(f.to_wire()) for f in held(t))
 
     for each in (t, copy):
         found, more = each.query(scopes("src/"), changed_since=mark, limit=1)
@@ -392,7 +398,7 @@ def test_restore_rebuilds_queries_and_expiry() -> None:
     fact = publish(t, "src/", ttl_s=5, now=100.0)
     copy = FactTable(REPO, Sequence(t.sequence.seq), FactLimits())
 
-    copy.restore(Fact.from_wire(f.to_wire()) for f in t)
+    copy.restore(Fact.from_wire(f.to_wire()) for f in held(t))
 
     assert copy.query(scopes("src/x.py"))[0] == [fact]
     assert copy.next_due() == 105.0

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import random
+import shutil
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import orjson
+import pytest
 
-from fleetbus.broker.facts import FactStore
+from fleetbus.broker import facts as broker_facts
+from fleetbus.broker.facts import FactStore, StoredFacts, StoredHeads
 from fleetbus.broker.store import SCHEMA_VERSION, Store
 from fleetbus.facts import Fact, FactLimits, FactTable
 from fleetbus.scope import parse_scope
@@ -68,60 +73,217 @@ def test_schema_1_store_keeps_its_heads_after_migration(tmp_path: Path) -> None:
     assert schema == (str(SCHEMA_VERSION),)
 
 
-def _fact_table() -> FactTable:
-    return FactTable("git:r", Sequence(), FactLimits())
+def _stored(store: Store, repo: str = "git:r") -> tuple[FactStore, FactTable]:
+    facts = FactStore(store)
+    table = FactTable(
+        repo,
+        Sequence(),
+        FactLimits(),
+        rows=StoredFacts(facts, repo),
+        heads=StoredHeads(facts, repo),
+    )
+    return facts, table
 
 
-def _publish(table: FactTable, text: str) -> Fact:
-    out = table.publish("s1", "S1", [parse_scope("src/")], text, now=100.0)
+def _publish(table: FactTable, text: str, topic: str = "src/", **options: Any) -> Fact:
+    out = table.publish("s1", "S1", [parse_scope(topic)], text, now=100.0, **options)
     assert out.reply is not None
     return out.reply
 
 
 def test_facts_written_in_a_batch_are_found_before_its_commit(tmp_path: Path) -> None:
     store = Store(tmp_path / "db.sqlite")
-    facts = FactStore(store)
-    table = _fact_table()
+    facts, table = _stored(store)
     first = _publish(table, "tokens are cached")
-    facts.save("git:r", [first])
     facts.mark_seen("s2", "git:r", [first.id], 100.0)
 
+    got = table.get(first.id)
     found = facts.search("git:r", "tokens")
+    queried = table.query([parse_scope("src/a.py")])[0]
     seen = facts.seen("s2", "git:r")
     store.commit()
 
+    assert got == first
     assert found == {first.id}
+    assert queried == [first]
     assert seen == {first.id}
 
 
-def test_a_fact_saved_again_is_updated_and_indexed_once(tmp_path: Path) -> None:
+def test_an_ended_fact_is_updated_and_indexed_once(tmp_path: Path) -> None:
     store = Store(tmp_path / "db.sqlite")
-    facts = FactStore(store)
-    table = _fact_table()
+    facts, table = _stored(store)
     fact = _publish(table, "tokens are cached")
-    facts.save("git:r", [fact])
-    retracted = table.retract("s1", fact.id, 101.0).changed
-    facts.save("git:r", retracted)
+    table.retract("s1", fact.id, 101.0)
     store.commit()
 
-    (loaded,) = facts.load()["git:r"]
+    _, reopened = _stored(store)
+    loaded = reopened.get(fact.id)
     fts = "facts_fts" if facts.fts else "facts WHERE 0"
     indexed = store.db.execute(f"SELECT count(*) FROM {fts}").fetchone()
 
+    assert loaded is not None
     assert loaded.state == "retracted"
+    assert reopened.query(include_history=True)[0] == [loaded]
+    assert reopened.query()[0] == []
     assert indexed == (1 if facts.fts else 0,)
 
 
 def test_rollback_drops_the_batch_and_its_deferred_rows(tmp_path: Path) -> None:
     store = Store(tmp_path / "db.sqlite")
-    facts = FactStore(store)
+    facts, table = _stored(store)
     store.begin()
-    facts.save("git:r", [_publish(_fact_table(), "never committed")])
+    _publish(table, "never committed")
     store.record_request("s1", "r1", 100.0, b"{}")
+    facts.put_reply("s1", "r2", 100.0, b"{}")
 
     store.rollback()
     store.begin()
     store.commit()
 
-    assert facts.load() == {}
+    assert not facts.holds("git:r")
     assert store.load_requests(0.0) == {}
+    assert facts.reply("s1", "r2", 0.0) is None
+
+
+def test_retention_drops_the_oldest_with_their_index_rows(tmp_path: Path) -> None:
+    """Dropped facts leave the store, their topics, search and seen records,
+    also when published and dropped in one batch."""
+    store = Store(tmp_path / "db.sqlite")
+    facts = FactStore(store)
+    table = FactTable(
+        "git:r",
+        Sequence(),
+        FactLimits(max_facts=2),
+        rows=StoredFacts(facts, "git:r"),
+        heads=StoredHeads(facts, "git:r"),
+    )
+    old = _publish(table, "alpha one")
+    facts.mark_seen("s2", "git:r", [old.id], 100.0)
+    store.commit()
+    kept = [_publish(table, f"beta {n}", topic=f"src/{n}.py") for n in range(3)][1:]
+    store.commit()
+
+    _, reopened = _stored(store)
+    counts = [
+        store.db.execute(f"SELECT count(*) FROM {name}").fetchone()[0]
+        for name in ("facts", "fact_topics", "facts_seen")
+    ]
+
+    assert len(reopened) == 2
+    assert reopened.query(include_history=True)[0] == kept
+    assert facts.search("git:r", "alpha beta") == set()
+    assert counts == [2, 2, 0]
+
+
+def test_stream_heads_moved_out_of_memory_are_read_back(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Heads past the memory bound are read from the store, written or not."""
+    monkeypatch.setattr(broker_facts, "HEADS_CACHED", 2)
+    store = Store(tmp_path / "db.sqlite")
+    _, table = _stored(store)
+    first = table.publish("s1", "S1", [parse_scope("a/x")], "x", now=1.0)
+    for name in ("b/x", "c/x", "d/x"):
+        table.publish("s1", "S1", [parse_scope(name)], "x", now=1.0)
+    again = table.publish("s1", "S1", [parse_scope("a/x")], "x", now=1.0)
+    store.commit()
+    _, reopened = _stored(store)
+    reopened.sequence.seq = table.sequence.seq
+    third = reopened.publish("s1", "S1", [parse_scope("a/x")], "x", now=1.0)
+
+    assert first.events[0].links == [(("a", "x"), 0)]
+    assert again.events[0].links == [(("a", "x"), first.events[0].event["seq"])]
+    assert third.events[0].links == [(("a", "x"), again.events[0].event["seq"])]
+
+
+def test_facts_stream_heads_are_not_loaded_with_the_repository(
+    tmp_path: Path,
+) -> None:
+    store = Store(tmp_path / "db.sqlite")
+    store.begin()
+    store.save_sequence("git:r", 9, {"claims": 3, "facts:src": 9, "other": 2})
+    store.commit()
+
+    assert store.load()["git:r"].heads == {"claims": 3, "other": 2}
+
+
+def test_schema_2_store_of_the_release_is_migrated(tmp_path: Path) -> None:
+    """A store written by the release before facts got their columns opens,
+    keeps every fact, its state, search, seen marks and stream heads."""
+    path = tmp_path / "db.sqlite"
+    shutil.copy(Path(__file__).parent.parent / "data" / "store-schema2.sqlite", path)
+    before = sqlite3.connect(path)
+    bodies = dict(before.execute("SELECT id, body FROM facts"))
+    before.close()
+
+    store = Store(path)
+    facts = FactStore(store)
+    state = store.load()["git:r"]
+    table = FactTable(
+        "git:r",
+        Sequence(state.seq, state.heads),
+        FactLimits(),
+        rows=StoredFacts(facts, "git:r"),
+        heads=StoredHeads(facts, "git:r"),
+    )
+    schema = store.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+    history = table.query(include_history=True)[0]
+    live = table.query([parse_scope("src/auth/login.py")])[0]
+    out = table.publish("s9", "S9", [parse_scope("src/auth/login.py")], "x", now=2e3)
+
+    assert schema == (str(SCHEMA_VERSION),)
+    assert {f.id: f.to_wire() for f in history} == {
+        i: orjson.loads(body) for i, body in bodies.items()
+    }
+    assert [f.id for f in live] == ["f2", "f6"]
+    assert [f.state for f in history if f.id == "f4"] == ["retracted"]
+    assert facts.search("git:r", "memcached") == {"f6"}
+    assert facts.seen("s2", "git:r") == {"f2"}
+    assert table.next_due() == 1002.0 + 3600.0
+    assert out.events[0].links == [(("src", "auth", "login.py"), 7)]
+
+
+_TOPICS = ["src/", "src/a.py", "src/*.py", "src/b/", "docs/x.md", "@build", "*.md"]
+_QUERIES = [*_TOPICS, "src/a/b.py", "**", "src/**/*.py", "@other", "docs/"]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_stored_facts_answer_queries_like_facts_in_memory(
+    tmp_path: Path, seed: int
+) -> None:
+    """The same changes on a stored table and an in-memory one: every query
+    answers the same."""
+    rng = random.Random(seed)
+    store = Store(tmp_path / "db.sqlite")
+    _, stored = _stored(store)
+    memory = FactTable("git:r", Sequence(), FactLimits(max_facts=40))
+    stored.limits = memory.limits
+    for step in range(60):
+        topics = [parse_scope(t) for t in rng.sample(_TOPICS, rng.randint(1, 2))]
+        live = [f for f in memory.query(limit=1000)[0] if f.sid == "s1"]
+        choice = rng.random()
+        sid, kind = rng.choice(["s1", "s2"]), rng.choice(["note", "gotcha"])
+        for each in (memory, stored):
+            if choice < 0.15 and live:
+                each.retract("s1", live[0].id, float(step))
+            elif choice < 0.25 and live:
+                old = live[-1].id
+                each.publish("s2", "S2", [], f"new {step}", supersedes=old, now=step)
+            else:
+                each.publish(sid, "N", topics, f"fact {step}", kind=kind, now=step)
+        if step % 7 == 0:
+            store.commit()
+    mark = memory.sequence.seq // 2
+    for text in _QUERIES:
+        scope = [parse_scope(text)]
+        for options in (
+            {},
+            {"include_history": True},
+            {"changed_since": mark, "limit": 5},
+            {"since": mark, "limit": 3},
+            {"kind": "gotcha", "author": "s1", "limit": 2},
+        ):
+            assert stored.query(scope, **options) == memory.query(scope, **options)
+        assert list(stored.concerning(scope)) == list(memory.concerning(scope))
+    assert stored.query(limit=7) == memory.query(limit=7)
+    assert len(stored) == len(memory)

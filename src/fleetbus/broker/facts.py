@@ -12,8 +12,10 @@ fact of its own on those scopes.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from fleetbus import wire
 from fleetbus.errors import BadInput
@@ -22,9 +24,11 @@ from fleetbus.facts import (
     Fact,
     FactLimits,
     FactOutcome,
+    FactQuery,
     FactTable,
     check_body,
     check_kind,
+    concerns_any,
 )
 from fleetbus.scope import Scope, parse_scope
 
@@ -36,18 +40,37 @@ MAX_QUERY_LIMIT = 10_000
 MAX_SEARCH_LEN = 1024
 MAX_IDS = 10_000
 MAX_ID_LEN = 64
+TOPICS_CACHED = 4096
 WARNING_TTL_S = 86_400.0
 """How long the broker's own warning about a lost session stays live."""
 
+_FACTS = """CREATE TABLE IF NOT EXISTS facts (
+    n INTEGER PRIMARY KEY,
+    repo TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    changed INTEGER NOT NULL,
+    live INTEGER NOT NULL,
+    at REAL NOT NULL,
+    expires REAL,
+    sid TEXT NOT NULL,
+    name TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    topics TEXT NOT NULL,
+    id TEXT NOT NULL,
+    text TEXT NOT NULL,
+    body BLOB NOT NULL
+)"""
 _TABLES = (
-    """CREATE TABLE IF NOT EXISTS facts (
-        n INTEGER PRIMARY KEY,
+    "CREATE UNIQUE INDEX IF NOT EXISTS facts_seq ON facts (repo, seq)",
+    "CREATE INDEX IF NOT EXISTS facts_changed ON facts (repo, changed)",
+    """CREATE INDEX IF NOT EXISTS facts_expiry ON facts (repo, expires)
+        WHERE live = 1 AND expires IS NOT NULL""",
+    """CREATE TABLE IF NOT EXISTS fact_topics (
         repo TEXT NOT NULL,
-        id TEXT NOT NULL,
-        body BLOB NOT NULL,
-        text TEXT NOT NULL,
-        UNIQUE (repo, id)
-    )""",
+        key TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (repo, key, seq)
+    ) WITHOUT ROWID""",
     """CREATE TABLE IF NOT EXISTS facts_seen (
         sid TEXT NOT NULL,
         repo TEXT NOT NULL,
@@ -59,20 +82,85 @@ _TABLES = (
 )
 _FTS = "CREATE VIRTUAL TABLE IF NOT EXISTS facts_fts USING fts5(text)"
 
+_INSERT_FACT = "INSERT INTO facts VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_FTS = "INSERT INTO facts_fts (rowid, text) VALUES (?, ?)"
+_INSERT_TOPIC = "INSERT OR IGNORE INTO fact_topics VALUES (?, ?, ?)"
+_DELETE_FTS = (
+    "DELETE FROM facts_fts "
+    "WHERE rowid = (SELECT n FROM facts WHERE repo = ? AND seq = ?)"
+)
+_DELETE_FACT = "DELETE FROM facts WHERE repo = ? AND seq = ?"
+_DELETE_TOPIC = "DELETE FROM fact_topics WHERE repo = ? AND key = ? AND seq = ?"
+_DELETE_SEEN = "DELETE FROM facts_seen WHERE repo = ? AND id = ?"
+_PUT_HEAD = "INSERT OR REPLACE INTO heads VALUES (?, ?, ?)"
+_PUT_REPLY = "INSERT OR REPLACE INTO fact_replies VALUES (?, ?, ?, ?)"
+
+HEADS_CACHED = 65_536
+"""Most facts stream heads one repository keeps in memory; the rest are read
+from the store when their stream moves."""
+
+
+def topic_key(scope: Scope) -> str:
+    """The key a topic is indexed under: its literal prefix, ``/`` after each
+    segment (the empty string at the root), or a resource's name."""
+    if scope.is_resource:
+        return scope.text
+    return "".join(name + "/" for name in scope.literal_prefix)
+
+
+def _scope_clause(scopes: list[Scope]) -> tuple[str, list[Any]] | None:
+    """SQL (and its arguments) on ``fact_topics.key`` for the topics that may
+    overlap one of ``scopes``; ``None`` if any topic may.
+
+    A path topic can overlap a path scope only if one literal prefix starts
+    the other: its key is the key of a prefix of the scope's, or begins with
+    the scope's key. A resource overlaps only itself.
+    """
+    clauses: list[str] = []
+    args: list[Any] = []
+    for scope in scopes:
+        if scope.is_resource:
+            clauses.append("key = ?")
+            args.append(scope.text)
+            continue
+        prefix = scope.literal_prefix
+        if not prefix:
+            return None
+        keys = ["".join(name + "/" for name in prefix[:n]) for n in range(len(prefix))]
+        key = keys[-1] + prefix[-1] + "/"
+        marks = ", ".join("?" * len(keys))
+        # Keys beneath ``key`` sort from it up to its last "/" raised to "0".
+        clauses.append(f"key IN ({marks}) OR (key >= ? AND key < ?)")
+        args.extend([*keys, key, key[:-1] + "0"])
+    return " OR ".join(f"({clause})" for clause in clauses), args
+
+
+def _seq_of(fact_id: str) -> int | None:
+    """The sequence number in a fact id (``f`` + seq), if it is one."""
+    digits = fact_id[1:]
+    if fact_id[:1] != "f" or not digits.isdigit() or not digits.isascii():
+        return None
+    return int(digits)
+
+
+def _fact(body: bytes) -> Fact:
+    return Fact.from_wire(orjson.loads(body))
+
 
 class FactStore:
-    """The facts, their full-text index and the ``seen`` marks, in SQLite.
+    """The facts, their topics, full-text index and ``seen`` marks, in SQLite.
 
-    Uses the broker store's connection, inside the broker's transaction;
-    ``seen`` marks are written as deferred rows of the batch.
-    Full-text search uses FTS5 when SQLite has it, else ``LIKE``.
+    Uses the broker store's connection, inside the broker's transaction. New
+    facts, their index rows and stream heads are deferred rows of the batch;
+    until they are written (:meth:`Store.flush`) the facts stay at hand here,
+    so that reading them needs no early write. Full-text search uses FTS5
+    when SQLite has it, else ``LIKE``. A store whose facts were kept as
+    whole JSON documents (schema 2) is migrated when opened.
     """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.db = db = store.db
-        for statement in _TABLES:
-            db.execute(statement)
         try:
             db.execute(_FTS)
         except sqlite3.OperationalError:
@@ -81,56 +169,139 @@ class FactStore:
             self.fts = True
         # A store opened by one earlier version indexes new facts by trigger.
         db.execute("DROP TRIGGER IF EXISTS facts_fts_insert")
+        columns = [row[1] for row in db.execute("PRAGMA table_info(facts)")]
+        if columns and "seq" not in columns:
+            self._migrate()
+        else:
+            db.execute(_FACTS)
+            for statement in _TABLES:
+                db.execute(statement)
+        self._pending: dict[tuple[str, int], Fact] = {}
+        self._flushes = store.flushes
+        self._next_n = (db.execute("SELECT max(n) FROM facts").fetchone()[0] or 0) + 1
 
-    def load(self) -> dict[str, list[Fact]]:
-        """Every stored fact, by repository, in publication order."""
-        self.store.flush()
-        out: dict[str, list[Fact]] = {}
-        rows = self.db.execute("SELECT repo, body FROM facts ORDER BY n")
-        for repo, body in rows:
-            out.setdefault(repo, []).append(Fact.from_wire(wire.decode(body)))
-        return out
+    def _migrate(self) -> None:
+        """Give every fact of a schema-2 store its columns and topic keys.
 
-    def save(self, repo: str, facts: Iterable[Fact]) -> None:
-        """Write new facts and the new state of changed ones.
-
-        A fact changed last when it was published is new: it is inserted
-        without first looking for its row.
+        The rows keep their numbers, so the full-text index stays valid.
         """
-        for fact in facts:
-            body = wire.encode(fact.to_wire())
-            if fact.changed != fact.seq:
-                cursor = self.db.execute(
-                    "UPDATE facts SET body = ? WHERE repo = ? AND id = ?",
-                    (body, repo, fact.id),
+        db = self.db
+        self.store.begin()
+        try:
+            db.execute("ALTER TABLE facts RENAME TO facts_v2")
+            db.execute(_FACTS)
+            for statement in _TABLES:
+                db.execute(statement)
+            rows = db.execute("SELECT n, repo, text, body FROM facts_v2 ORDER BY n")
+            for n, repo, text, body in rows.fetchall():
+                fact = _fact(body)
+                db.execute(_INSERT_FACT, _fact_row(n, repo, fact, text, body))
+                db.execute("UPDATE facts SET live = ? WHERE n = ?", (int(fact.live), n))
+                db.executemany(
+                    _INSERT_TOPIC,
+                    [(repo, topic_key(topic), fact.seq) for topic in fact.topics],
                 )
-                if cursor.rowcount:
-                    continue
-            cursor = self.db.execute(
-                "INSERT INTO facts (repo, id, body, text) VALUES (?, ?, ?, ?)",
-                (repo, fact.id, body, fact.body),
-            )
-            if self.fts:
-                self.db.execute(
-                    "INSERT INTO facts_fts (rowid, text) VALUES (?, ?)",
-                    (cursor.lastrowid, fact.body),
-                )
+            db.execute("DROP TABLE facts_v2")
+        except BaseException:
+            self.store.rollback()
+            raise
+        self.store.commit()
 
-    def delete(self, repo: str, ids: Iterable[str]) -> None:
-        """Forget facts, their index entries and who has seen them."""
-        self.store.flush()
-        for fact_id in ids:
-            row = self.db.execute(
-                "SELECT n FROM facts WHERE repo = ? AND id = ?", (repo, fact_id)
-            ).fetchone()
-            if row is None:
-                continue
+    # -- the batch ------------------------------------------------------------------
+
+    def _current(self) -> dict[tuple[str, int], Fact]:
+        """The facts added but not yet written; forgotten once the batch is."""
+        if self.store.flushes != self._flushes:
+            self._pending.clear()
+            self._flushes = self.store.flushes
+        return self._pending
+
+    def settle(self) -> None:
+        """Write the batch's deferred rows, so that SQL reads see them."""
+        if self.store.deferred:
+            self.store.flush()
+
+    def pending(self, repo: str, seq: int) -> Fact | None:
+        """The fact ``seq`` of ``repo`` if it was added and is not yet written."""
+        return self._current().get((repo, seq))
+
+    def unwritten(self) -> int:
+        """How many added facts are not yet written."""
+        return len(self._current())
+
+    def add(self, repo: str, fact: Fact) -> None:
+        """Defer the rows of a new fact."""
+        n = self._next_n
+        self._next_n += 1
+        body = orjson.dumps(fact.to_wire())
+        store = self.store
+        store.defer(_INSERT_FACT, _fact_row(n, repo, fact, fact.body, body))
+        if self.fts:
+            store.defer(_INSERT_FTS, (n, fact.body))
+        for topic in fact.topics:
+            store.defer(_INSERT_TOPIC, (repo, topic_key(topic), fact.seq))
+        self._current()[(repo, fact.seq)] = fact
+
+    def ended(self, repo: str, facts: list[Fact]) -> None:
+        """Write the new state of facts that ended."""
+        if any((repo, fact.seq) in self._current() for fact in facts):
+            self.store.flush()
+        self.store.begin()
+        self.db.executemany(
+            "UPDATE facts SET changed = ?, live = 0, body = ? "
+            "WHERE repo = ? AND seq = ?",
+            [
+                (fact.changed, orjson.dumps(fact.to_wire()), repo, fact.seq)
+                for fact in facts
+            ],
+        )
+
+    def remove(self, repo: str, facts: list[Fact]) -> None:
+        """Defer forgetting facts, their index entries and who has seen them."""
+        if any((repo, fact.seq) in self._current() for fact in facts):
+            self.store.flush()
+        store = self.store
+        for fact in facts:
             if self.fts:
-                self.db.execute("DELETE FROM facts_fts WHERE rowid = ?", (row[0],))
-            self.db.execute("DELETE FROM facts WHERE n = ?", (row[0],))
-            self.db.execute(
-                "DELETE FROM facts_seen WHERE repo = ? AND id = ?", (repo, fact_id)
-            )
+                store.defer(_DELETE_FTS, (repo, fact.seq))
+            store.defer(_DELETE_FACT, (repo, fact.seq))
+            for topic in fact.topics:
+                store.defer(_DELETE_TOPIC, (repo, topic_key(topic), fact.seq))
+            store.defer(_DELETE_SEEN, (repo, fact.id))
+
+    # -- reads ------------------------------------------------------------------------
+
+    def count(self, repo: str) -> int:
+        """How many facts ``repo`` retains."""
+        self.settle()
+        row = self.db.execute("SELECT count(*) FROM facts WHERE repo = ?", (repo,))
+        return int(row.fetchone()[0])
+
+    def holds(self, repo: str) -> bool:
+        """Whether ``repo`` has a stored fact."""
+        self.settle()
+        row = self.db.execute("SELECT 1 FROM facts WHERE repo = ? LIMIT 1", (repo,))
+        return row.fetchone() is not None
+
+    def get(self, repo: str, seq: int) -> Fact | None:
+        """The stored fact ``seq`` of ``repo``."""
+        fact = self.pending(repo, seq)
+        if fact is not None:
+            return fact
+        row = self.db.execute(
+            "SELECT body FROM facts WHERE repo = ? AND seq = ?", (repo, seq)
+        ).fetchone()
+        return None if row is None else _fact(row[0])
+
+    def rows(self, repo: str, where: str, args: list[Any], order: str) -> Any:
+        """A cursor over ``(topics, body)`` of the facts of ``repo`` matching
+        the SQL condition ``where``, in ``order``."""
+        self.settle()
+        return self.db.execute(
+            f"SELECT topics, body FROM facts WHERE repo = ? AND {where} "
+            f"ORDER BY {order}",
+            (repo, *args),
+        )
 
     def search(self, repo: str, text: str) -> set[str]:
         """Ids of the facts of ``repo`` whose text has every word of ``text``.
@@ -141,7 +312,7 @@ class FactStore:
         words = text.split()
         if not words:
             return set()
-        self.store.flush()
+        self.settle()
         if self.fts:
             query = " ".join('"' + word.replace('"', '""') + '"*' for word in words)
             rows = self.db.execute(
@@ -173,9 +344,237 @@ class FactStore:
                 (sid, repo, fact_id, at),
             )
 
+    # -- stream heads and replies ---------------------------------------------------
+
+    def head(self, repo: str, stream: str) -> int:
+        """The stored head of a facts stream (0 before its first event)."""
+        row = self.db.execute(
+            "SELECT seq FROM heads WHERE repo = ? AND stream = ?", (repo, stream)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def put_head(self, repo: str, stream: str, seq: int) -> None:
+        """Write a stream's head in this batch (the last one given wins)."""
+        self.store.put(_PUT_HEAD, (repo, stream), (repo, stream, seq))
+
+    def reply(self, sid: str, rid: str, since: float) -> bytes | None:
+        """The stored reply to a publish recorded after ``since``, if any."""
+        put = self.store.pending(_PUT_REPLY, (sid, rid))
+        if put is not None:
+            return bytes(put[3])
+        row = self.db.execute(
+            "SELECT reply FROM fact_replies WHERE sid = ? AND rid = ? AND at >= ?",
+            (sid, rid, since),
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def put_reply(self, sid: str, rid: str, at: float, reply: bytes) -> None:
+        """Remember the reply to a publish, for retries, in this batch."""
+        self.store.put(_PUT_REPLY, (sid, rid), (sid, rid, at, reply))
+
+
+def _fact_row(n: int, repo: str, fact: Fact, text: str, body: bytes) -> tuple[Any, ...]:
+    topics = orjson.dumps([topic.text for topic in fact.topics]).decode()
+    return (
+        n,
+        repo,
+        fact.seq,
+        fact.changed,
+        fact.at,
+        fact.expires,
+        fact.sid,
+        fact.name,
+        fact.kind,
+        topics,
+        fact.id,
+        text,
+        body,
+    )
+
 
 def _escape_like(word: str) -> str:
     return word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+class StoredFacts:
+    """The retained facts of one repository, kept in the store.
+
+    Only their number, the wall time of the oldest and the last number
+    dropped are held in memory; a query reads the rows it needs. Retention
+    drops the oldest first, so every retained fact is numbered above the last
+    one dropped, whether or not its deletion is written yet. Implements
+    :class:`~fleetbus.facts.FactRows`.
+    """
+
+    def __init__(self, store: FactStore, repo: str) -> None:
+        self.store = store
+        self.repo = repo
+        self._count = store.count(repo)
+        self._floor = 0
+        self._first_at: float | None = None
+        self._first_known = False
+
+    def __len__(self) -> int:
+        return self._count
+
+    def get(self, fact_id: str) -> Fact | None:
+        seq = _seq_of(fact_id)
+        if seq is None or seq <= self._floor:
+            return None
+        return self.store.get(self.repo, seq)
+
+    def add(self, fact: Fact) -> None:
+        self.store.add(self.repo, fact)
+        if not self._count:
+            self._first_at, self._first_known = fact.at, True
+        self._count += 1
+
+    def ended(self, facts: list[Fact]) -> None:
+        self.store.ended(self.repo, facts)
+
+    def remove(self, facts: list[Fact]) -> None:
+        self.store.remove(self.repo, facts)
+        self._count -= len(facts)
+        self._floor = max([self._floor, *(fact.seq for fact in facts)])
+        self._first_known = False
+
+    def oldest(self, count: int, *, at_most: float | None = None) -> list[Fact]:
+        out: list[Fact] = []
+        if count <= 0:
+            return out
+        # Facts not yet written are the newest: the oldest are in the store.
+        if count > self._count - self.store.unwritten():
+            self.store.settle()
+        rows = self.store.db.execute(
+            "SELECT at, body FROM facts WHERE repo = ? AND seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (self.repo, self._floor, count),
+        )
+        for at, body in rows:
+            if at_most is not None and at > at_most:
+                break
+            out.append(_fact(body))
+        return out
+
+    def first_at(self) -> float | None:
+        if not self._first_known:
+            if self._count <= self.store.unwritten():
+                self.store.settle()
+            row = self.store.db.execute(
+                "SELECT at FROM facts WHERE repo = ? AND seq > ? ORDER BY seq LIMIT 1",
+                (self.repo, self._floor),
+            ).fetchone()
+            self._first_at = None if row is None else float(row[0])
+            self._first_known = True
+        return self._first_at
+
+    def expiring(self) -> Iterable[tuple[float, str]]:
+        self.store.settle()
+        return self.store.db.execute(
+            "SELECT expires, id FROM facts "
+            "WHERE repo = ? AND live = 1 AND expires IS NOT NULL",
+            (self.repo,),
+        ).fetchall()
+
+    def select(self, query: FactQuery) -> tuple[list[Fact], bool]:
+        where, args = _filters(query)
+        scopes = query.scopes
+        clause = None if scopes is None else _scope_clause(scopes)
+        if clause is not None:
+            where.append(
+                f"seq IN (SELECT seq FROM fact_topics WHERE repo = ? AND ({clause[0]}))"
+            )
+            args.extend([self.repo, *clause[1]])
+        order = "changed" if query.changed_since is not None else "seq"
+        if not query.keeps_first:
+            order += " DESC"
+        found: list[Fact] = []
+        cursor = self.store.rows(self.repo, " AND ".join(where), args, order)
+        for topics, body in cursor:
+            if scopes is not None and not _concerns(topics, scopes):
+                continue
+            found.append(_fact(body))
+            if len(found) > query.limit:
+                break
+        more = len(found) > query.limit
+        found = found[: query.limit]
+        if not query.keeps_first:
+            found.reverse()
+        return found, more
+
+    def concerning(self, scopes: list[Scope]) -> Iterator[Fact]:
+        where, args = ["live = 1"], []
+        clause = _scope_clause(scopes)
+        if clause is not None:
+            where.append(
+                f"seq IN (SELECT seq FROM fact_topics WHERE repo = ? AND ({clause[0]}))"
+            )
+            args.extend([self.repo, *clause[1]])
+        cursor = self.store.rows(self.repo, " AND ".join(where), args, "seq")
+        for topics, body in cursor.fetchall():
+            if _concerns(topics, scopes):
+                yield _fact(body)
+
+
+def _filters(query: FactQuery) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    args: list[Any] = []
+    if not query.history:
+        where.append("live = 1")
+    if query.kind is not None:
+        where.append("kind = ?")
+        args.append(query.kind)
+    if query.author is not None:
+        where.append("(sid = ? OR name = ?)")
+        args.extend([query.author, query.author])
+    if query.since is not None:
+        where.append("seq > ?")
+        args.append(query.since)
+    if query.since_wall is not None:
+        where.append("at >= ?")
+        args.append(query.since_wall)
+    if query.changed_since is not None:
+        where.append("changed > ?")
+        args.append(query.changed_since)
+    if query.ids is not None:
+        seqs = [seq for seq in map(_seq_of, query.ids) if seq is not None]
+        where.append("seq IN (SELECT value FROM json_each(?))")
+        args.append(orjson.dumps(seqs).decode())
+    if not where:
+        where.append("1")
+    return where, args
+
+
+def _concerns(topics: str, scopes: list[Scope]) -> bool:
+    return concerns_any((parse_scope(text) for text in orjson.loads(topics)), scopes)
+
+
+class StoredHeads:
+    """The heads of one repository's facts streams, kept in the store.
+
+    The heads of recently moved streams are held in memory, at most
+    :data:`HEADS_CACHED`; the rest are read when their stream moves. Implements
+    :class:`~fleetbus.facts.StreamHeads`.
+    """
+
+    def __init__(self, store: FactStore, repo: str) -> None:
+        self.store = store
+        self.repo = repo
+        self._heads: dict[str, int] = {}
+
+    def link(self, stream: str, seq: int) -> int:
+        heads = self._heads
+        prev = heads.get(stream)
+        if prev is None:
+            if len(heads) >= HEADS_CACHED:
+                # Heads moved in this batch must be in the store before
+                # they leave memory.
+                self.store.store.flush()
+                heads.clear()
+            prev = self.store.head(self.repo, stream)
+        heads[stream] = seq
+        self.store.put_head(self.repo, stream, seq)
+        return prev
 
 
 class FactService:
@@ -191,6 +590,7 @@ class FactService:
         self.store: FactStore | None = None
         self._who: dict[str, tuple[str, dict[str, Any]]] = {}
         self._held: dict[str, tuple[str, str]] = {}
+        self._topics: dict[tuple[str, tuple[str, ...]], bytes] = {}
         broker._handlers.update(
             {
                 "publish": self._on_publish,
@@ -204,12 +604,17 @@ class FactService:
     # -- state ------------------------------------------------------------------
 
     def restore(self) -> None:
-        """Load the stored facts onto the broker's freshly restored sequences."""
+        """Open the stored facts on the broker's freshly restored sequences.
+
+        Nothing per fact is loaded: each repository's table reads its facts
+        from the store when asked, and holds only the expiry times.
+        """
         assert self.broker.store is not None
         self.store = FactStore(self.broker.store)
         self.tables.clear()
-        for repo, facts in self.store.load().items():
-            self._table(repo).restore(facts)
+        for repo in list(self.broker.sequences):
+            if self.store.holds(repo):
+                self._table(repo)
         self._who.clear()
         self._held.clear()
         for table in self.broker.tables.values():
@@ -221,8 +626,15 @@ class FactService:
     def _table(self, repo: str) -> FactTable:
         table = self.tables.get(repo)
         if table is None:
+            assert self.store is not None
             self.broker._table(repo)
-            table = FactTable(repo, self.broker.sequences[repo], self.limits)
+            table = FactTable(
+                repo,
+                self.broker.sequences[repo],
+                self.limits,
+                rows=StoredFacts(self.store, repo),
+                heads=StoredHeads(self.store, repo),
+            )
             self.tables[repo] = table
         return table
 
@@ -239,23 +651,29 @@ class FactService:
                 self._absorb(repo, table.tick(wall))
 
     def _absorb(self, repo: str, outcome: FactOutcome) -> None:
-        """Persist an outcome in the batch and queue its events."""
+        """Queue an outcome's events; its rows are in the batch already."""
         broker = self.broker
-        assert broker.store is not None
-        assert self.store is not None
-        if not (outcome.changed or outcome.dropped or outcome.events):
+        if not outcome.events:
             return
-        broker.store.begin()
-        self.store.save(repo, outcome.changed)
-        self.store.delete(repo, outcome.dropped)
+        broker.store_begin()
         broker._dirty.add(repo)
         wall = broker.clock.wall()
+        events = broker._events
         for stamped in outcome.events:
             stamped.event["repo"] = repo
             stamped.event.setdefault("at", wall)
             self._log(stamped.event)
             for prefix, event in stamped.copies():
-                broker._events.append((wire.facts_topic(repo, prefix), event))
+                events.append((self._topic(repo, prefix), event))
+
+    def _topic(self, repo: str, prefix: tuple[str, ...]) -> bytes:
+        key = (repo, prefix)
+        topic = self._topics.get(key)
+        if topic is None:
+            if len(self._topics) >= TOPICS_CACHED:
+                self._topics.clear()
+            topic = self._topics[key] = wire.facts_topic(repo, prefix)
+        return topic
 
     def _log(self, event: dict[str, Any]) -> None:
         fields: dict[str, Any] = {"repo": event["repo"], "seq": event["seq"]}
@@ -325,7 +743,7 @@ class FactService:
     def _on_publish(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
         broker = self.broker
         sid, claims = broker._session(message)
-        if broker._replay(ident, sid, rid):
+        if broker._replay(ident, sid, rid) or self._replay(ident, sid, rid):
             return
         raw = message.get("topics")
         supersedes = _optional_id(message, "supersedes")
@@ -351,8 +769,24 @@ class FactService:
         )
         self._absorb(claims.repo, outcome)
         assert outcome.reply is not None
-        reply = {"fact": outcome.reply.to_wire(), "seq": outcome.reply.seq}
-        broker._reply(ident, rid, reply, remember=(sid, rid))
+        assert self.store is not None
+        reply = {"fact": outcome.events[0].event["fact"], "seq": outcome.reply.seq}
+        broker._reply(ident, rid, reply)
+        # Kept in the store only: a publish is rarely retried, and replies
+        # held in memory for the whole retry window would outweigh the facts.
+        encoded = wire.encode(wire.ok(rid, **reply))
+        self.store.put_reply(sid, rid, broker.clock.wall(), encoded)
+
+    def _replay(self, ident: bytes, sid: str, rid: str) -> bool:
+        """Answer a retried publish with its first reply, from the store."""
+        assert self.store is not None
+        broker = self.broker
+        since = broker.clock.wall() - broker.config.request_memory_s
+        known = self.store.reply(sid, rid, since)
+        if known is None:
+            return False
+        broker._outbox.append((ident, rid, known))
+        return True
 
     def _on_retract(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
         broker = self.broker
@@ -434,11 +868,11 @@ class FactService:
         if table is not None and scopes:
             assert self.store is not None
             seen = self.store.seen(sid, repo)
-            found = [
-                fact
-                for fact in table.concerning(scopes)
-                if fact.sid != sid and fact.id not in seen
-            ]
+            for fact in table.concerning(scopes):
+                if fact.sid != sid and fact.id not in seen:
+                    found.append(fact)
+                    if len(found) > limit:
+                        break
         more = len(found) > limit
         found = found[:limit]
         reply = {

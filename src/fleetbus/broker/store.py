@@ -20,7 +20,7 @@ import orjson
 from fleetbus.claims import Claim, SessionInfo
 from fleetbus.errors import FleetbusError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -54,7 +54,19 @@ CREATE TABLE IF NOT EXISTS requests (
     PRIMARY KEY (sid, rid)
 );
 CREATE INDEX IF NOT EXISTS requests_at ON requests (at);
+CREATE TABLE IF NOT EXISTS fact_replies (
+    sid TEXT NOT NULL,
+    rid TEXT NOT NULL,
+    at REAL NOT NULL,
+    reply BLOB NOT NULL,
+    PRIMARY KEY (sid, rid)
+);
+CREATE INDEX IF NOT EXISTS fact_replies_at ON fact_replies (at);
 """
+
+FACTS_STREAMS = "facts:"
+"""The stream keys of facts topics start with this; their heads are read
+by the fact tables when needed, not loaded with the repository."""
 
 
 class StoreError(FleetbusError):
@@ -93,19 +105,33 @@ class Store:
             raise StoreError(f"cannot open store {path}: {exc}") from exc
         self._in_tx = False
         self._deferred: dict[str, list[tuple[Any, ...]]] = {}
+        self._puts: dict[str, dict[Any, tuple[Any, ...]]] = {}
+        self.flushes = 0
+        """How many times deferred rows were written or dropped."""
 
     def _check_version(self) -> None:
+        """Record the schema of a new store; migrate an older one.
+
+        Schema 1 kept stream heads as one JSON map per repository; schema 2
+        kept each fact as one JSON document, which the fact store gives its
+        columns when it opens.
+        """
         row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
             self.db.execute(
                 "INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
             )
-        elif int(row[0]) == 1:
+            return
+        version = int(row[0])
+        if version == 1:
             self._migrate_heads()
-        elif int(row[0]) != SCHEMA_VERSION:
+        elif version not in (2, SCHEMA_VERSION):
             raise StoreError(
                 f"store {self.path} has schema {row[0]}, expected {SCHEMA_VERSION}"
             )
+        self.db.execute(
+            "UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),)
+        )
 
     def _migrate_heads(self) -> None:
         """Schema 1 kept each repository's stream heads as one JSON map."""
@@ -122,9 +148,7 @@ class Store:
                     ],
                 )
             self.db.execute("ALTER TABLE repos DROP COLUMN heads")
-            self.db.execute(
-                "UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),)
-            )
+            self.db.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
@@ -148,8 +172,15 @@ class Store:
         repos: dict[str, RepoState] = {}
         for repo, seq in self.db.execute("SELECT repo, seq FROM repos"):
             repos[repo] = RepoState(seq=seq)
-        for repo, stream, seq in self.db.execute("SELECT repo, stream, seq FROM heads"):
-            repos.setdefault(repo, RepoState()).heads[stream] = seq
+        # Two ranges of the key per repository: before and after facts streams.
+        end = FACTS_STREAMS[:-1] + chr(ord(FACTS_STREAMS[-1]) + 1)
+        for repo, state in repos.items():
+            rows = self.db.execute(
+                "SELECT stream, seq FROM heads WHERE repo = ? "
+                "AND (stream < ? OR stream >= ?)",
+                (repo, FACTS_STREAMS, end),
+            )
+            state.heads.update(rows)
         for repo, body in self.db.execute("SELECT repo, body FROM sessions"):
             state = repos.setdefault(repo, RepoState())
             state.sessions.append(SessionInfo.from_wire(orjson.loads(body)))
@@ -183,11 +214,36 @@ class Store:
         self.begin()
         self._deferred.setdefault(sql, []).append(row)
 
+    def put(self, sql: str, key: Any, row: tuple[Any, ...]) -> None:
+        """Like :meth:`defer`, but of the rows put under one ``key`` only the
+        last is written: for a value that may change several times a batch.
+
+        Put rows are written after the deferred ones.
+        """
+        self.begin()
+        self._puts.setdefault(sql, {})[key] = row
+
+    def pending(self, sql: str, key: Any) -> tuple[Any, ...] | None:
+        """The row put under ``key`` for ``sql`` and not yet written, if any."""
+        rows = self._puts.get(sql)
+        return None if rows is None else rows.get(key)
+
+    @property
+    def deferred(self) -> bool:
+        """Whether rows are waiting to be written."""
+        return bool(self._deferred or self._puts)
+
     def flush(self) -> None:
         """Write the deferred rows now, inside the batch's transaction."""
+        if not (self._deferred or self._puts):
+            return
         deferred, self._deferred = self._deferred, {}
+        puts, self._puts = self._puts, {}
+        self.flushes += 1
         for sql, rows in deferred.items():
             self.db.executemany(sql, rows)
+        for sql, keyed in puts.items():
+            self.db.executemany(sql, keyed.values())
 
     def commit(self) -> None:
         """Commit the batch; nothing is acknowledged before this returns."""
@@ -199,6 +255,8 @@ class Store:
     def rollback(self) -> None:
         """Drop the batch's writes."""
         self._deferred.clear()
+        self._puts.clear()
+        self.flushes += 1
         if self._in_tx:
             self._in_tx = False
             self.db.execute("ROLLBACK")
@@ -221,6 +279,7 @@ class Store:
         """Forget replies older than ``before``."""
         self.flush()
         self.db.execute("DELETE FROM requests WHERE at < ?", (before,))
+        self.db.execute("DELETE FROM fact_replies WHERE at < ?", (before,))
 
     def apply_claim_events(self, repo: str, events: Iterable[dict[str, Any]]) -> None:
         """Write the effect of claims-stream events."""
