@@ -522,5 +522,5 @@ def _forget(connection: Connection) -> None:
 
 
 def open_connections() -> list[Connection]:
-    """The connections open in this process (for diagnostics and tests)."""
-    return list(_connections.values())
+    """The connections open in this process, on live loops (for diagnostics)."""
+    return [c for c in _connections.values() if not c.loop.is_closed()]

@@ -1,0 +1,281 @@
+"""Sessions of one process share a connection and a replica, and stay apart."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fleetbus.client import AsyncSession, connect
+from fleetbus.client.connection import open_connections
+from fleetbus.errors import Conflict
+from fleetbus.repo import RepoInfo
+from fleetbus.security import CLIENT_KEY_ENV
+from tests.support.brokerproc import BrokerProcess
+
+DEADLINE_S = 15.0
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> RepoInfo:
+    root = tmp_path / "work"
+    (root / "src").mkdir(parents=True)
+    return RepoInfo(id=f"path:{root}", root=root, branch=None)
+
+
+@pytest.fixture
+async def join(
+    broker: BrokerProcess, repo: RepoInfo
+) -> AsyncIterator[Callable[..., Any]]:
+    sessions: list[AsyncSession] = []
+
+    async def start(name: str, **options: Any) -> AsyncSession:
+        options.setdefault("repo", repo)
+        session = await AsyncSession.connect(
+            broker.url, name=name, session_id=name, **options
+        )
+        sessions.append(session)
+        return session
+
+    yield start
+    for session in sessions:
+        await session.close(leave=False)
+
+
+async def next_event(
+    stream: AsyncIterator[dict[str, Any]], accept: Callable[[dict[str, Any]], bool]
+) -> dict[str, Any]:
+    async def find() -> dict[str, Any]:
+        async for event in stream:
+            if accept(event):
+                return event
+        raise AssertionError("the event stream ended")
+
+    return await asyncio.wait_for(find(), DEADLINE_S)
+
+
+def count_sent(session: AsyncSession, op: str) -> list[int]:
+    """Count the requests of kind ``op`` sent on the session's connection."""
+    transport = session._connection.transport
+    send = transport.send
+    sent = [0]
+
+    def counting(message: dict[str, Any]) -> None:
+        if message.get("op") == op:
+            sent[0] += 1
+        send(message)
+
+    transport.send = counting  # type: ignore[method-assign]
+    return sent
+
+
+async def test_sessions_share_one_connection_and_one_replica(
+    join: Callable[..., Any],
+) -> None:
+    """Five sessions of one repository: one set of sockets, one replica."""
+    sessions = [await join(f"s{i}") for i in range(5)]
+    first = sessions[0]
+
+    assert open_connections() == [first._connection]
+    assert all(s._connection is first._connection for s in sessions)
+    assert all(s._transport is first._transport for s in sessions)
+    assert all(s._shared is first._shared for s in sessions)
+    assert list(first._connection.replicas.values()) == [first._shared]
+
+
+async def test_each_event_is_applied_once_for_all_sessions(
+    join: Callable[..., Any],
+) -> None:
+    """Claims and releases of several sessions reach the one view once each."""
+    sessions = [await join(f"s{i}") for i in range(4)]
+    view = sessions[0]._shared.view
+    apply = view.apply
+    applied: list[str] = []
+
+    def counting(event: dict[str, Any]) -> None:
+        applied.append(event["type"])
+        apply(event)
+
+    view.apply = counting  # type: ignore[method-assign]
+    for n, session in enumerate(sessions):
+        grant = await session.claim(f"src/f{n}.py")
+        await session.release(grant=grant.id)
+    await sessions[-1].wait_synced()
+
+    assert applied.count("claim.granted") == 4
+    assert applied.count("claim.released") == 4
+
+
+async def test_repositories_get_a_replica_each_on_one_connection(
+    join: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Sessions of two repositories share the sockets, not the claims."""
+    other_root = tmp_path / "other"
+    other_root.mkdir()
+    other = RepoInfo(id=f"path:{other_root}", root=other_root, branch=None)
+    a = await join("a")
+    b = await join("b", repo=other)
+    await a.claim("src/a.py")
+    await b.wait_synced()
+
+    assert a._connection is b._connection
+    assert a._shared is not b._shared
+    assert b.holders("src/a.py") == []
+    assert [row.sid for row in a.holders("src/a.py")] == ["a"]
+
+
+async def test_each_session_reads_its_own_grants_before_their_events(
+    join: Callable[..., Any],
+) -> None:
+    """With the event stream held back, each session sees its own claims only."""
+    sessions = [await join(f"s{i}") for i in range(3)]
+    transport = sessions[0]._transport
+    events = transport.events
+    held = asyncio.Event()
+
+    async def hold() -> list[tuple[bytes, dict[str, Any]]]:
+        held.set()
+        await asyncio.Event().wait()
+        return await events()
+
+    transport.events = hold  # type: ignore[method-assign]
+    await asyncio.wait_for(held.wait(), DEADLINE_S)
+
+    grants = [await s.claim(f"src/f{n}.py") for n, s in enumerate(sessions)]
+
+    for n, (session, grant) in enumerate(zip(sessions, grants, strict=True)):
+        assert [row.grant for row in session.claims(mine=True)] == [grant.id]
+        assert [row.grant for row in session.holders(f"src/f{n}.py")] == [grant.id]
+        others = [s for s in sessions if s is not session]
+        assert all(o.holders(f"src/f{n}.py") == [] for o in others)
+    await sessions[0].release(grant=grants[0].id)
+    assert sessions[0].claims(mine=True) == []
+    assert [row.grant for row in sessions[1].claims(mine=True)] == [grants[1].id]
+
+
+async def test_a_gap_is_repaired_once_for_every_session(
+    join: Callable[..., Any],
+) -> None:
+    """A lost event makes one snapshot, and every session hears of the resync."""
+    a, b, c = await join("a"), await join("b"), await join("c")
+    streams = [s.events() for s in (a, b, c)]
+    transport = a._transport
+    events = transport.events
+    lossy_in_use = asyncio.Event()
+
+    async def lossy() -> list[tuple[bytes, dict[str, Any]]]:
+        lossy_in_use.set()
+        batch = await events()
+        return [item for item in batch if item[1].get("type") != "claim.granted"]
+
+    transport.events = lossy  # type: ignore[method-assign]
+    await asyncio.wait_for(lossy_in_use.wait(), DEADLINE_S)
+    snapshots = count_sent(a, "snapshot")
+    await a.claim("src/a.py")
+
+    for stream in streams:
+        await next_event(stream, lambda e: e["type"] == "resync")
+
+    assert snapshots[0] == 1
+    for session in (a, b, c):
+        assert [row.sid for row in session.holders("src/a.py")] == ["a"]
+    assert not b.may_edit("src/a.py")
+
+
+async def test_a_broker_restart_repairs_every_session(
+    join: Callable[..., Any], broker: BrokerProcess
+) -> None:
+    """After a restart all sessions join again, resync, and claim as before."""
+    sessions = [await join(f"s{i}") for i in range(3)]
+    grant = await sessions[0].claim("src/a.py")
+    old_epoch = sessions[0].epoch
+    streams = [s.events() for s in sessions]
+
+    broker.restart()
+    for stream in streams:
+        await next_event(stream, lambda e: e["type"] == "resync")
+
+    assert all(s.epoch > old_epoch for s in sessions)
+    for session in sessions:
+        assert [row.grant for row in session.holders("src/a.py")] == [grant.id]
+    with pytest.raises(Conflict):
+        await sessions[1].claim("src/a.py")
+    later = await sessions[2].claim("src/c.py")
+    await sessions[1].wait_synced()
+    assert [row.grant for row in sessions[1].holders("src/c.py")] == [later.id]
+
+
+async def test_closing_one_session_leaves_the_others_working(
+    join: Callable[..., Any],
+) -> None:
+    """One session leaves; the rest keep claiming and their replica stays fed."""
+    a, b, c = await join("a"), await join("b"), await join("c")
+    connection = a._connection
+    await a.claim("src/a.py")
+
+    await a.close()
+    grant = await b.claim("src/a.py")
+    await c.wait_synced()
+
+    assert [row.grant for row in c.holders("src/a.py")] == [grant.id]
+    assert not connection.closed
+    assert a not in connection.sessions
+    assert a not in b._shared.sessions
+
+    await b.close()
+    await c.close()
+    assert connection.closed
+    assert open_connections() == []
+
+
+async def test_a_session_after_the_last_closed_opens_a_new_connection(
+    join: Callable[..., Any],
+) -> None:
+    """Once every session closed, the next one gets fresh sockets."""
+    a = await join("a")
+    old = a._connection
+    await a.close()
+
+    b = await join("b")
+    await b.claim("src/b.py")
+
+    assert b._connection is not old
+    assert [row.sid for row in b.claims()] == ["b"]
+
+
+async def test_different_credentials_do_not_share(
+    join: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Sessions that would present other client keys get their own connection."""
+    a = await join("a")
+    monkeypatch.setenv(CLIENT_KEY_ENV, str(tmp_path / "other.key_secret"))
+    b = await join("b")
+
+    assert a._connection is not b._connection
+    assert len(open_connections()) == 2
+
+
+def test_blocking_sessions_share_a_loop_thread_and_a_connection(
+    broker: BrokerProcess, repo: RepoInfo
+) -> None:
+    """Blocking sessions share one loop thread; the last to close ends it."""
+    first = connect(broker.url, repo=repo, session_id="one")
+    second = connect(broker.url, repo=repo, session_id="two")
+    runner = first._runner
+    try:
+        assert second._runner is runner
+        assert first.core._connection is second.core._connection
+        grant = first.claim("src/a.py", ttl=600)
+        first.close()
+        with pytest.raises(Conflict):
+            second.claim("src/a.py")
+        second.wait_synced()
+        assert [row.grant for row in second.holders("src/a.py")] == [grant.id]
+    finally:
+        first.close()
+        second.close()
+
+    assert runner.loop.is_closed()
