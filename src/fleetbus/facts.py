@@ -343,8 +343,10 @@ class FactRows(Protocol):
         """The retained fact ``fact_id``, live or not."""
         ...
 
-    def add(self, fact: Fact) -> None:
-        """Hold a newly published fact."""
+    def add(self, fact: Fact) -> Any:
+        """Hold a newly published fact; returns its wire form as events carry
+        it (the dict of :meth:`Fact.to_wire`, or the same already encoded as
+        a JSON fragment that :func:`fleetbus.wire.encode` embeds)."""
         ...
 
     def ended(self, facts: list[Fact]) -> None:
@@ -405,12 +407,13 @@ class MemoryFactRows:
     def get(self, fact_id: str) -> Fact | None:
         return self._facts.get(fact_id)
 
-    def add(self, fact: Fact) -> None:
+    def add(self, fact: Fact) -> Any:
         self._facts[fact.id] = fact
         self._changes[fact.id] = None
         self._changes.move_to_end(fact.id)
         for topic in fact.topics:
             self._index.add(topic, fact.id)
+        return fact.to_wire()
 
     def ended(self, facts: list[Fact]) -> None:
         for fact in facts:
@@ -587,13 +590,11 @@ class FactTable:
             changed=seq,
         )
         out = FactOutcome(reply=fact)
-        self.rows.add(fact)
+        data = self.rows.add(fact)
         if fact.expires is not None:
             heapq.heappush(self._expiry, (fact.expires, fact.id))
         self._emit(
-            out,
-            {"type": "fact.published", "seq": seq, "fact": fact.to_wire()},
-            fact.topics,
+            out, {"type": "fact.published", "seq": seq, "fact": data}, fact.topics
         )
         out.changed.append(fact)
         if old is not None:

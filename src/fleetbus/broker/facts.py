@@ -229,8 +229,8 @@ class FactStore:
         """How many added facts are not yet written."""
         return len(self._current())
 
-    def add(self, repo: str, fact: Fact) -> None:
-        """Defer the rows of a new fact."""
+    def add(self, repo: str, fact: Fact) -> orjson.Fragment:
+        """Defer the rows of a new fact; returns its wire form, encoded."""
         n = self._next_n
         self._next_n += 1
         body = orjson.dumps(fact.to_wire())
@@ -241,6 +241,7 @@ class FactStore:
         for topic in fact.topics:
             store.defer(_INSERT_TOPIC, (repo, topic_key(topic), fact.seq))
         self._current()[(repo, fact.seq)] = fact
+        return orjson.Fragment(body)
 
     def ended(self, repo: str, facts: list[Fact]) -> None:
         """Write the new state of facts that ended."""
@@ -423,11 +424,12 @@ class StoredFacts:
             return None
         return self.store.get(self.repo, seq)
 
-    def add(self, fact: Fact) -> None:
-        self.store.add(self.repo, fact)
+    def add(self, fact: Fact) -> orjson.Fragment:
+        data = self.store.add(self.repo, fact)
         if not self._count:
             self._first_at, self._first_known = fact.at, True
         self._count += 1
+        return data
 
     def ended(self, facts: list[Fact]) -> None:
         self.store.ended(self.repo, facts)
@@ -662,7 +664,7 @@ class FactService:
         for stamped in outcome.events:
             stamped.event["repo"] = repo
             stamped.event.setdefault("at", wall)
-            self._log(stamped.event)
+            self._log(stamped.event, outcome.reply)
             for prefix, event in stamped.copies():
                 events.append((self._topic(repo, prefix), event))
 
@@ -675,11 +677,12 @@ class FactService:
             topic = self._topics[key] = wire.facts_topic(repo, prefix)
         return topic
 
-    def _log(self, event: dict[str, Any]) -> None:
+    def _log(self, event: dict[str, Any], fact: Fact | None) -> None:
+        """Log an event; ``fact`` is the one a ``fact.published`` announces."""
         fields: dict[str, Any] = {"repo": event["repo"], "seq": event["seq"]}
         if event["type"] == "fact.published":
-            fact = event["fact"]
-            fields.update(id=fact["id"], sid=fact["sid"], kind=fact["kind"])
+            assert fact is not None
+            fields.update(id=fact.id, sid=fact.sid, kind=fact.kind)
         else:
             fields.update(ids=event["ids"], reason=event.get("limit", event["reason"]))
         self.broker.log_change(event["type"], **fields)
@@ -770,12 +773,12 @@ class FactService:
         self._absorb(claims.repo, outcome)
         assert outcome.reply is not None
         assert self.store is not None
-        reply = {"fact": outcome.events[0].event["fact"], "seq": outcome.reply.seq}
-        broker._reply(ident, rid, reply)
+        fact = outcome.events[0].event["fact"]
+        encoded = wire.encode(wire.ok(rid, fact=fact, seq=outcome.reply.seq))
         # Kept in the store only: a publish is rarely retried, and replies
         # held in memory for the whole retry window would outweigh the facts.
-        encoded = wire.encode(wire.ok(rid, **reply))
         self.store.put_reply(sid, rid, broker.clock.wall(), encoded)
+        broker._outbox.append((ident, rid, encoded))
 
     def _replay(self, ident: bytes, sid: str, rid: str) -> bool:
         """Answer a retried publish with its first reply, from the store."""

@@ -22,6 +22,9 @@ from fleetbus.errors import FleetbusError
 
 SCHEMA_VERSION = 3
 
+CACHE_KIB = 64 * 1024
+"""SQLite's page cache: facts are read from the store, not held in memory."""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS repos (
@@ -99,6 +102,7 @@ class Store:
             os.chmod(path, 0o600)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(f"PRAGMA synchronous={synchronous}")
+            self.db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             self.db.executescript(_SCHEMA)
             self._check_version()
         except sqlite3.DatabaseError as exc:
