@@ -74,6 +74,12 @@ def configure(
     )
 
 
+def enabled(configured: str, level: str) -> bool:
+    """Whether a logger set to ``configured`` writes lines of ``level``."""
+    names = logging.getLevelNamesMapping()
+    return names[level.upper()] >= names.get(configured.upper(), logging.INFO)
+
+
 def get(name: str, **context: Any) -> Any:
     """A logger bound to a component name and any fixed context.
 

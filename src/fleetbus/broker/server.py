@@ -77,6 +77,8 @@ class Broker:
         self.clock: Clock = clock or OffsetClock()
         self.limits = limits or Limits()
         self.log = log.get("broker")
+        # Change lines are info (waits debug): below that level, skip building them.
+        self._log_changes = log.enabled(config.log_level, "info")
         self.epoch = 0
         self.tables: dict[str, ClaimTable] = {}
         self.sequences: dict[str, Sequence] = {}
@@ -349,12 +351,17 @@ class Broker:
         self._dirty.clear()
         self._write_logs()
         self._failpoint("after_commit")
+        send = self.router.send
         for ident, _rid, body in self._outbox:
-            self.router.send_multipart([ident, body])
+            send(ident, _SNDMORE)
+            send(body)
         self._outbox.clear()
         self._failpoint("after_reply")
+        publish = self.pub.send
         for frames in _by_topic(self._events):
-            self.pub.send_multipart(frames)
+            last = len(frames) - 1
+            for index, frame in enumerate(frames):
+                publish(frame, _SNDMORE if index < last else 0)
         self.metrics.sent(self._events)
         self._events.clear()
         self._failpoints |= self._arming
@@ -539,11 +546,13 @@ class Broker:
             self._dirty.add(repo)
             topic = wire.claims_topic(repo)
             wall = self.clock.wall()
+            logged = self._log_changes
             for event in outcome.events:
                 event["repo"] = repo
                 event.setdefault("at", wall)
                 self._track_session(repo, event)
-                self._log_event(event)
+                if logged:
+                    self._log_event(event)
                 self.metrics.event(event)
                 self._events.append((topic, event))
             self.facts.observe(repo, outcome.events)
@@ -922,6 +931,9 @@ class Broker:
             self.log.warning("failpoint.hit", point=name)
             os.kill(os.getpid(), signal.SIGKILL)
 
+
+# Plain ints: flag arithmetic on pyzmq's enums costs more than the send itself.
+_SNDMORE = int(zmq.SNDMORE)
 
 _LOGGED_KEYS = {"sid", "seq", "grant", "fence", "reason", "ids", "repo"}
 
