@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import lru_cache
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
 from fleetbus.errors import BadScope
 
@@ -32,6 +31,7 @@ __all__ = [
     "MAX_SEGMENT_LEN",
     "Scope",
     "ScopeIndex",
+    "literal_scope",
     "overlaps",
     "parse_scope",
     "relative_path",
@@ -81,34 +81,107 @@ class _Malformed(Exception):
         self.message = message
 
 
-@dataclass(frozen=True, slots=True, order=True)
-class Scope:
-    """A checked, normalised scope; build one with :func:`parse_scope`.
+class _ScopeFields:
+    """The fields of a :class:`Scope`, assignable while one is being built."""
 
-    Equality, hashing and ordering go by the canonical ``text`` alone, since it
-    determines every other field.
-    """
+    __slots__ = (
+        "_exact",
+        "_regex",
+        "_stepwise",
+        "is_literal",
+        "is_resource",
+        "literal_prefix",
+        "segments",
+        "text",
+    )
 
     text: str
-    is_resource: bool = field(compare=False)
-    segments: tuple[str, ...] = field(compare=False)
-    literal_prefix: tuple[str, ...] = field(compare=False)
-    is_literal: bool = field(compare=False)
-    _exact: str = field(init=False, repr=False, compare=False)
-    _regex: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
-    _stepwise: bool = field(init=False, repr=False, compare=False)
+    is_resource: bool
+    segments: tuple[str, ...]
+    literal_prefix: tuple[str, ...]
+    is_literal: bool
+    _exact: str
+    _regex: re.Pattern[str] | None
+    _stepwise: bool
 
-    def __post_init__(self) -> None:
-        exact = self.text if self.is_resource else "/".join(self.segments)
-        pattern = not (self.is_resource or self.is_literal)
-        stepwise = pattern and not _regex_is_safe(self.segments)
-        regex = _compile(self.segments) if pattern and not stepwise else None
-        object.__setattr__(self, "_exact", exact)
-        object.__setattr__(self, "_regex", regex)
-        object.__setattr__(self, "_stepwise", stepwise)
+
+class Scope(_ScopeFields):
+    """A checked, normalised scope; build one with :func:`parse_scope`.
+
+    Immutable. Equality, hashing and ordering go by the canonical ``text``
+    alone, since it determines every other field.
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        text: str,
+        *,
+        is_resource: bool,
+        segments: tuple[str, ...],
+        literal_prefix: tuple[str, ...],
+        is_literal: bool,
+    ) -> Scope:
+        pattern = not (is_resource or is_literal)
+        stepwise = pattern and not _regex_is_safe(segments)
+        return _build(
+            text,
+            is_resource,
+            segments,
+            literal_prefix,
+            is_literal,
+            text if is_resource else "/".join(segments),
+            _compile(segments) if pattern and not stepwise else None,
+            stepwise,
+        )
+
+    if not TYPE_CHECKING:
+        # Hidden from type checkers, which would otherwise accept any name.
+
+        def __getattr__(self, name: str) -> tuple[str, ...]:
+            # Only a literal from literal_scope lacks these, until first asked.
+            if name not in ("segments", "literal_prefix"):
+                raise AttributeError(name)
+            segments = tuple(self.text.split("/"))
+            _force_set(self, "segments", segments)
+            _force_set(self, "literal_prefix", segments)
+            return segments
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"a Scope is immutable; cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"a Scope is immutable; cannot delete {name!r}")
+
+    def __reduce__(self) -> tuple[Callable[[str], Scope], tuple[str]]:
+        return parse_scope, (self.text,)
+
+    def __repr__(self) -> str:
+        return f"Scope({self.text!r})"
 
     def __str__(self) -> str:
         return self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Scope):
+            return self.text == other.text
+        return NotImplemented
+
+    def __lt__(self, other: Scope) -> bool:
+        return self.text < other.text
+
+    def __le__(self, other: Scope) -> bool:
+        return self.text <= other.text
+
+    def __gt__(self, other: Scope) -> bool:
+        return self.text > other.text
+
+    def __ge__(self, other: Scope) -> bool:
+        return self.text >= other.text
 
     def matches(self, path: str) -> bool:
         """Whether a canonical repo-relative path (or ``@name``) is in this scope."""
@@ -142,6 +215,67 @@ class Scope:
         return False
 
 
+# Retyping a finished _ScopeFields into a Scope costs one call, where setting
+# eight fields past Scope.__setattr__ would cost eight much slower ones.
+_force_set = object.__setattr__
+
+
+def _build(
+    text: str,
+    is_resource: bool,
+    segments: tuple[str, ...],
+    literal_prefix: tuple[str, ...],
+    is_literal: bool,
+    exact: str,
+    regex: re.Pattern[str] | None,
+    stepwise: bool,
+) -> Scope:
+    fields = _ScopeFields()
+    fields.text = text
+    fields.is_resource = is_resource
+    fields.segments = segments
+    fields.literal_prefix = literal_prefix
+    fields.is_literal = is_literal
+    fields._exact = exact
+    fields._regex = regex
+    fields._stepwise = stepwise
+    _force_set(fields, "__class__", Scope)
+    return cast(Scope, fields)
+
+
+# One segment of a canonical literal path: not "." or "..", no separator,
+# control character, backslash or glob character, and not too long.
+_LITERAL_SEGMENT = (
+    r"(?!\.\.?(?:/|\Z))[^/\x00-\x1f\x7f-\x9f*?\[\\]{1," + str(MAX_SEGMENT_LEN) + "}"
+)
+_CANONICAL_LITERAL = re.compile(
+    rf"(?!@){_LITERAL_SEGMENT}(?:/{_LITERAL_SEGMENT}){{0,{MAX_SEGMENTS - 1}}}"
+)
+
+
+def literal_scope(text: str) -> Scope | None:
+    """The scope of ``text`` if it is the canonical text of a literal path.
+
+    A fast path for texts that are already canonical, such as those a broker
+    sends: no parsing beyond a check and a split, and no cache. ``None`` means
+    "not known to be": give the text to :func:`parse_scope`, which agrees with
+    this function wherever this one returns a scope.
+    """
+    if len(text) > MAX_SCOPE_LEN or _CANONICAL_LITERAL.fullmatch(text) is None:
+        return None
+    # Built inline and without its segments, which Scope.__getattr__ splits
+    # out on first use: this is the loop of loading a large snapshot.
+    fields = _ScopeFields()
+    fields.text = text
+    fields.is_resource = False
+    fields.is_literal = True
+    fields._exact = text
+    fields._regex = None
+    fields._stepwise = False
+    _force_set(fields, "__class__", Scope)
+    return cast(Scope, fields)
+
+
 def parse_scope(text: str) -> Scope:
     """Check and normalise the text of a scope.
 
@@ -155,6 +289,9 @@ def parse_scope(text: str) -> Scope:
 
 @lru_cache(maxsize=8192)
 def _parse_cached(text: str) -> Scope:
+    literal = literal_scope(text)
+    if literal is not None:
+        return literal
     if not text:
         raise BadScope("scope is empty", rule="empty", scope=text)
     if len(text) > MAX_SCOPE_LEN:
@@ -632,37 +769,61 @@ T = TypeVar("T")
 
 
 class _Node(Generic[T]):
-    """One trie node: the scopes whose literal prefix ends here."""
+    """One node of the pattern trie: the patterns whose literal prefix ends here."""
 
-    __slots__ = ("children", "literal", "literal_items", "patterns")
+    __slots__ = ("children", "patterns")
 
     def __init__(self) -> None:
         self.children: dict[str, _Node[T]] = {}
         self.patterns: dict[Scope, list[T]] = {}
-        self.literal: Scope | None = None
-        self.literal_items: list[T] = []
 
     def is_empty(self) -> bool:
-        return not (self.children or self.patterns or self.literal_items)
+        return not (self.children or self.patterns)
 
-    def entries(self) -> Iterator[tuple[Scope, list[T]]]:
-        if self.literal is not None:
-            yield self.literal, self.literal_items
-        yield from self.patterns.items()
+
+class _Many(list[T]):
+    """The items of a literal path held more than once, in a ScopeIndex."""
+
+    __slots__ = ()
+
+
+_ABSENT: object = object()
+
+
+class _Dir:
+    """One directory of the literal tree: the literal paths directly in it."""
+
+    __slots__ = ("children", "names")
+
+    def __init__(self) -> None:
+        self.children: dict[str, _Dir] = {}
+        self.names: set[str] = set()
 
 
 class ScopeIndex(Generic[T]):
-    """Scopes with attached items, indexed by literal prefix (a trie on
-    segments), so a lookup does not scan every entry.
+    """Scopes with attached items, indexed so a lookup does not scan every entry.
 
     An entry is a (scope, item) pair; adding the same pair twice holds it twice
     and :meth:`discard` removes one of them.
+
+    Literal paths are kept in a dictionary keyed by the path, so finding the
+    literal entries at a path costs the same with ten entries or a million.
+    Patterns (globs, directories) sit in a trie on the segments of their
+    literal prefix, and a path is walked down that trie only as far as it
+    holds patterns. Finding the literal paths beneath a pattern needs a tree
+    of them too: it is built on first need and kept from then on, or from the
+    start with ``eager=True``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, eager: bool = False) -> None:
         self._root: _Node[T] = _Node()
         self._resources: dict[str, list[T]] = {}
         self._scopes: dict[str, Scope] = {}
+        # A path held once maps to its item itself, one held more often to a
+        # _Many: one hop fewer on the way to the item of the common case.
+        self._literals: dict[str, T | _Many[T]] = {}
+        self._literal_scopes: dict[str, Scope] = {}
+        self._tree: _Dir | None = _Dir() if eager else None
         self._len = 0
 
     def __len__(self) -> int:
@@ -672,29 +833,66 @@ class ScopeIndex(Generic[T]):
     def add(self, scope: Scope, item: T) -> None:
         """Hold ``item`` under ``scope``."""
         self._len += 1
+        if scope.is_literal:
+            path = scope._exact
+            held = self._literals.get(path, _ABSENT)
+            if held is _ABSENT:
+                self._literals[path] = item
+            elif isinstance(held, _Many):
+                held.append(item)
+                return
+            else:
+                self._literals[path] = _Many((cast(T, held), item))
+                return
+            self._literal_scopes[path] = scope
+            if self._tree is not None:
+                _tree_add(self._tree, scope.segments)
+            return
         if scope.is_resource:
             self._scopes[scope.text] = scope
             self._resources.setdefault(scope.text, []).append(item)
             return
         node = self._root
         for name in scope.literal_prefix:
-            node = node.children.setdefault(name, _Node())
-        if scope.is_literal:
-            node.literal = scope
-            node.literal_items.append(item)
-        else:
-            node.patterns.setdefault(scope, []).append(item)
+            child = node.children.get(name)
+            if child is None:
+                child = node.children[name] = _Node()
+            node = child
+        node.patterns.setdefault(scope, []).append(item)
 
     def discard(self, scope: Scope, item: T) -> None:
         """Drop one (scope, item) entry; nothing happens if there is none."""
-        if scope.is_resource:
+        if scope.is_literal:
+            self._discard_literal(scope, item)
+        elif scope.is_resource:
             items = self._resources.get(scope.text)
             if items is not None and _remove(items, item):
                 self._len -= 1
                 if not items:
                     del self._resources[scope.text]
                     del self._scopes[scope.text]
+        else:
+            self._discard_pattern(scope, item)
+
+    def _discard_literal(self, scope: Scope, item: T) -> None:
+        path = scope._exact
+        held = self._literals.get(path, _ABSENT)
+        if isinstance(held, _Many):
+            if not _remove(held, item):
+                return
+            self._len -= 1
+            if len(held) == 1:
+                self._literals[path] = held[0]
             return
+        if held is _ABSENT or (held is not item and held != item):
+            return
+        self._len -= 1
+        del self._literals[path]
+        del self._literal_scopes[path]
+        if self._tree is not None:
+            _tree_discard(self._tree, scope.segments)
+
+    def _discard_pattern(self, scope: Scope, item: T) -> None:
         path: list[tuple[_Node[T], str]] = []
         node = self._root
         for name in scope.literal_prefix:
@@ -703,8 +901,11 @@ class ScopeIndex(Generic[T]):
                 return
             path.append((node, name))
             node = child
-        if not self._discard_at(node, scope, item):
+        items = node.patterns.get(scope)
+        if items is None or not _remove(items, item):
             return
+        if not items:
+            del node.patterns[scope]
         self._len -= 1
         # Prune emptied nodes so that removed scopes leave no trail behind.
         while path and node.is_empty():
@@ -712,18 +913,38 @@ class ScopeIndex(Generic[T]):
             del parent.children[name]
             node = parent
 
-    def _discard_at(self, node: _Node[T], scope: Scope, item: T) -> bool:
-        if scope.is_literal:
-            removed = _remove(node.literal_items, item)
-            if not node.literal_items:
-                node.literal = None
-            return removed
-        items = node.patterns.get(scope)
-        if items is None or not _remove(items, item):
-            return False
-        if not items:
-            del node.patterns[scope]
-        return True
+    def literal_items(self, path: str) -> Sequence[T]:
+        """The items held under the literal scope of exactly ``path``.
+
+        The sequence may be the index's own: read it, do not keep or change it.
+        """
+        held = self._literals.get(path, _ABSENT)
+        if held is _ABSENT:
+            return ()
+        if isinstance(held, _Many):
+            return held
+        return (cast(T, held),)
+
+    def pattern_matching(self, path: str) -> list[tuple[Scope, T]]:
+        """The entries of pattern scopes (globs, directories) matching ``path``.
+
+        Only the part of the trie that holds patterns is walked: nothing at
+        all when no pattern's literal prefix starts the path.
+        """
+        node = self._root
+        found: list[tuple[Scope, T]] = []
+        if node.patterns:
+            _match_at(node, path, found)
+        if not node.children:
+            return found
+        for name in path.split("/"):
+            child = node.children.get(name)
+            if child is None:
+                break
+            node = child
+            if node.patterns:
+                _match_at(node, path, found)
+        return found
 
     def overlapping(self, scope: Scope) -> Iterator[tuple[Scope, T]]:
         """Exactly the entries whose scope overlaps ``scope``."""
@@ -731,16 +952,25 @@ class ScopeIndex(Generic[T]):
             for item in self._resources.get(scope.text, ()):
                 yield self._scopes[scope.text], item
             return
+        if scope.is_literal:
+            # A literal overlaps what matches its one path.
+            yield from self.pattern_matching(scope._exact)
+            yield from self._literal_entries(scope._exact)
+            return
         # Two path scopes can share a path only if one literal prefix starts
         # the other: the candidates lie on the way down or beneath.
         node = self._root
         for name in scope.literal_prefix:
-            yield from _overlapping(node.entries(), scope)
+            yield from _overlapping(node.patterns.items(), scope)
             child = node.children.get(name)
             if child is None:
-                return
+                break
             node = child
-        yield from _overlapping(_subtree(node), scope)
+        else:
+            yield from _overlapping(_subtree(node), scope)
+        for path in _tree_beneath(self._literal_tree(), scope.literal_prefix):
+            if scope.matches(path):
+                yield from self._literal_entries(path)
 
     def matching(self, path: str) -> Iterator[tuple[Scope, T]]:
         """Exactly the entries whose scope matches ``path``.
@@ -750,33 +980,34 @@ class ScopeIndex(Generic[T]):
         if path[:1] == "@":
             for item in self._resources.get(path, ()):
                 yield self._scopes[path], item
-        node = self._root
-        for name in path.split("/"):
-            for scope, items in node.patterns.items():
-                if scope.matches(path):
-                    for item in items:
-                        yield scope, item
-            child = node.children.get(name)
-            if child is None:
-                return
-            node = child
-        for scope, items in node.patterns.items():
-            if scope.matches(path):
-                for item in items:
-                    yield scope, item
-        literal = node.literal
-        if literal is not None and literal.matches(path):
-            for item in node.literal_items:
-                yield literal, item
+        yield from self.pattern_matching(path)
+        yield from self._literal_entries(path)
 
     def __iter__(self) -> Iterator[tuple[Scope, T]]:
-        """Every entry, resources first."""
+        """Every entry: resources, then literal paths, then patterns."""
         for text, items in self._resources.items():
             for item in items:
                 yield self._scopes[text], item
+        for path in self._literals:
+            yield from self._literal_entries(path)
         for scope, items in _subtree(self._root):
             for item in items:
                 yield scope, item
+
+    def _literal_entries(self, path: str) -> Iterator[tuple[Scope, T]]:
+        items = self.literal_items(path)
+        if items:
+            scope = self._literal_scopes[path]
+            for item in items:
+                yield scope, item
+
+    def _literal_tree(self) -> _Dir:
+        tree = self._tree
+        if tree is None:
+            tree = self._tree = _Dir()
+            for scope in self._literal_scopes.values():
+                _tree_add(tree, scope.segments)
+        return tree
 
 
 def _remove(items: list[T], item: T) -> bool:
@@ -787,18 +1018,75 @@ def _remove(items: list[T], item: T) -> bool:
     return True
 
 
+def _match_at(node: _Node[T], path: str, found: list[tuple[Scope, T]]) -> None:
+    for scope, items in node.patterns.items():
+        if scope.matches(path):
+            found.extend((scope, item) for item in items)
+
+
 def _subtree(node: _Node[T]) -> Iterator[tuple[Scope, list[T]]]:
     stack = [node]
     while stack:
         current = stack.pop()
-        yield from current.entries()
+        yield from current.patterns.items()
         stack.extend(current.children.values())
 
 
 def _overlapping(
-    entries: Iterator[tuple[Scope, list[T]]], scope: Scope
+    entries: Iterable[tuple[Scope, list[T]]], scope: Scope
 ) -> Iterator[tuple[Scope, T]]:
     for held, items in entries:
         if overlaps(held, scope):
             for item in items:
                 yield held, item
+
+
+def _tree_add(tree: _Dir, segments: tuple[str, ...]) -> None:
+    node = tree
+    for name in segments[:-1]:
+        child = node.children.get(name)
+        if child is None:
+            child = node.children[name] = _Dir()
+        node = child
+    node.names.add(segments[-1])
+
+
+def _tree_discard(tree: _Dir, segments: tuple[str, ...]) -> None:
+    path: list[tuple[_Dir, str]] = []
+    node = tree
+    for name in segments[:-1]:
+        child = node.children.get(name)
+        if child is None:
+            return
+        path.append((node, name))
+        node = child
+    node.names.discard(segments[-1])
+    while path and not (node.children or node.names):
+        parent, name = path.pop()
+        del parent.children[name]
+        node = parent
+
+
+def _tree_beneath(tree: _Dir, prefix: tuple[str, ...]) -> Iterator[str]:
+    """The literal paths whose segments start with ``prefix``."""
+    node = tree
+    for name in prefix[:-1]:
+        child = node.children.get(name)
+        if child is None:
+            return
+        node = child
+    if prefix:
+        last = prefix[-1]
+        if last in node.names:
+            yield "/".join(prefix)
+        child = node.children.get(last)
+        if child is None:
+            return
+        node = child
+    stack = [("/".join(prefix) + "/" if prefix else "", node)]
+    while stack:
+        base, current = stack.pop()
+        for name in current.names:
+            yield base + name
+        for name, child in current.children.items():
+            stack.append((base + name + "/", child))
