@@ -37,7 +37,7 @@ from fleetbus.errors import (
     TimedOut,
     UnknownSession,
 )
-from fleetbus.scope import Scope, ScopeIndex, parse_scope
+from fleetbus.scope import Scope, ScopeIndex, literal_scope, parse_scope
 from fleetbus.sequence import CLAIMS_STREAM, Sequence
 
 Mode = Literal["exclusive", "shared"]
@@ -79,6 +79,44 @@ def _mode(value: Any) -> Mode:
 
 def _optional_float(value: Any) -> float | None:
     return None if value is None else float(value)
+
+
+def _wire_scope(text: Any) -> Scope:
+    """A scope as the broker sends it: canonical text, most often literal."""
+    if type(text) is str:
+        literal = literal_scope(text)
+        if literal is not None:
+            return literal
+    try:
+        return parse_scope(text)
+    except (BadInput, TypeError) as exc:
+        raise ProtocolError(f"malformed scope {text!r}: {exc}") from exc
+
+
+# The fields a claim group gives all its rows, in Claim's order less id and scope.
+_Shared = tuple[str, str, Mode, str, str, int, float, float | None]
+
+
+def _group_rows(group: Any) -> tuple[_Shared, list[str], list[Any]]:
+    """Check one ``claim_groups`` entry: (shared fields, ids, scope texts)."""
+    sid, name, mode, intent, grant, fence, since, expires, ids, texts = group
+    if not (isinstance(ids, list) and isinstance(texts, list)):
+        raise TypeError("ids and scopes must be lists")
+    if len(ids) != len(texts) or not ids:
+        raise ValueError("a group needs as many ids as scopes, at least one")
+    if not all(type(cid) is str for cid in ids):
+        raise TypeError("claim ids must be strings")
+    shared: _Shared = (
+        str(sid),
+        str(name),
+        _mode(mode),
+        str(intent),
+        str(grant),
+        int(fence),
+        float(since),
+        _optional_float(expires),
+    )
+    return shared, ids, texts
 
 
 @dataclass(slots=True)
@@ -278,7 +316,10 @@ class ClaimView:
     head: int
     """The ``seq`` of the last event applied, or the snapshot's head."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, eager: bool = False) -> None:
+        # The broker's table asks for an eager index: its tree of literal
+        # paths is kept current rather than built on the first pattern query.
+        self._eager = eager
         self._reset()
 
     def _reset(self) -> None:
@@ -288,30 +329,107 @@ class ClaimView:
         self._rows: dict[str, Claim] = {}
         self._by_sid: dict[str, dict[str, Claim]] = {}
         self._by_grant: dict[str, list[str]] = {}
-        self._index: ScopeIndex[str] = ScopeIndex()
+        self._index: ScopeIndex[Claim] = ScopeIndex(eager=self._eager)
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def load(self, snapshot: dict[str, Any]) -> None:
-        """Replace the whole view with ``snapshot`` (the ``snapshot()`` shape)."""
+        """Replace the whole view with ``snapshot``.
+
+        Takes either form :meth:`snapshot` gives: rows as ``claims`` (one
+        object each) or as ``claim_groups`` (compact, see
+        ``docs/protocol.md``). A malformed snapshot raises ``ProtocolError``
+        and leaves the view empty.
+        """
         self._reset()
+        try:
+            self._load(snapshot)
+        except ProtocolError:
+            self._reset()
+            raise
+
+    def _load(self, snapshot: dict[str, Any]) -> None:
         for data in snapshot.get("sessions", ()):
             info = SessionInfo.from_wire(data)
             self.sessions[info.sid] = info
-        for data in snapshot.get("claims", ()):
-            self._add(Claim.from_wire(data))
+        groups = snapshot.get("claim_groups")
+        if groups is not None:
+            self._load_groups(groups)
+        else:
+            for data in snapshot.get("claims", ()):
+                self._add(Claim.from_wire(data))
         self.waiters = [Waiter.from_wire(data) for data in snapshot.get("waiters", ())]
         self.head = int(snapshot.get("head", 0))
 
-    def snapshot(self) -> dict[str, Any]:
-        """The whole view in wire form, as :meth:`load` takes it."""
+    def _load_groups(self, groups: Any) -> None:
+        if not isinstance(groups, list):
+            raise ProtocolError("claim_groups must be a list")
+        for group in groups:
+            try:
+                shared, ids, texts = _group_rows(group)
+            except (TypeError, ValueError, BadInput) as exc:
+                raise ProtocolError(f"malformed claim group: {exc}") from exc
+            sid, grant = shared[0], shared[4]
+            own = self._by_sid.setdefault(sid, {})
+            grant_ids = self._by_grant.setdefault(grant, [])
+            rows = self._rows
+            index = self._index
+            for cid, text in zip(ids, texts, strict=True):
+                row = Claim(cid, sid, shared[1], _wire_scope(text), *shared[2:])
+                if cid in rows:
+                    raise ProtocolError(f"claim id {cid!r} appears twice")
+                rows[cid] = row
+                own[cid] = row
+                index.add(row.scope, row)
+            grant_ids.extend(ids)
+
+    def snapshot(self, *, compact: bool = False) -> dict[str, Any]:
+        """The whole view in wire form, as :meth:`load` takes it.
+
+        Rows go as ``claims``, one object each, or with ``compact`` as
+        ``claim_groups``: runs of rows that share everything but id and scope.
+        """
+        rows: dict[str, Any]
+        if compact:
+            rows = {"claim_groups": self.claim_groups()}
+        else:
+            rows = {"claims": [row.to_wire() for row in self._rows.values()]}
         return {
             "head": self.head,
             "sessions": [info.to_wire() for info in self.sessions.values()],
-            "claims": [row.to_wire() for row in self._rows.values()],
+            **rows,
             "waiters": [waiter.to_wire() for waiter in self.waiters],
         }
+
+    def claim_groups(self) -> list[list[Any]]:
+        """Every row, in order, in the compact ``claim_groups`` form.
+
+        Each group is ``[sid, name, mode, intent, grant, fence, since,
+        expires, [ids], [scopes]]`` for a run of consecutive rows that agree
+        on all but id and scope.
+        """
+        groups: list[list[Any]] = []
+        last: tuple[Any, ...] = ()
+        ids: list[str] = []
+        texts: list[str] = []
+        for row in self._rows.values():
+            key = (
+                row.sid,
+                row.name,
+                row.mode,
+                row.intent,
+                row.grant,
+                row.fence,
+                row.since,
+                row.expires,
+            )
+            if key != last:
+                ids, texts, last = [], [], key
+                groups.append([*key, ids, texts])
+            ids.append(row.id)
+            texts.append(row.scope.text)
+        return groups
 
     def apply(self, event: dict[str, Any]) -> None:
         """Apply one claims-stream event; events of unknown type are ignored."""
@@ -354,13 +472,13 @@ class ClaimView:
         self._rows[row.id] = row
         self._by_sid.setdefault(row.sid, {})[row.id] = row
         self._by_grant.setdefault(row.grant, []).append(row.id)
-        self._index.add(row.scope, row.id)
+        self._index.add(row.scope, row)
 
     def _remove(self, cid: str) -> None:
         row = self._rows.pop(cid, None)
         if row is None:
             return
-        self._index.discard(row.scope, cid)
+        self._index.discard(row.scope, row)
         own = self._by_sid[row.sid]
         del own[cid]
         if not own:
@@ -390,12 +508,17 @@ class ClaimView:
 
     def overlapping(self, scope: Scope) -> Iterator[Claim]:
         """The rows whose scope overlaps ``scope``."""
-        for _, cid in self._index.overlapping(scope):
-            yield self._rows[cid]
+        for _, row in self._index.overlapping(scope):
+            yield row
 
     def holders(self, path: str) -> list[Claim]:
         """The rows whose scope matches the repo-relative ``path``."""
-        return [self._rows[cid] for _, cid in self._index.matching(path)]
+        index = self._index
+        if path[:1] == "@":
+            return [row for _, row in index.matching(path)]
+        found = [row for _, row in index.pattern_matching(path)]
+        found.extend(index.literal_items(path))
+        return found
 
     def conflicts(self, scopes: Iterable[Scope], mode: Mode, sid: str) -> list[Claim]:
         """The rows of other sessions that a claim of ``scopes`` would conflict with.
@@ -414,8 +537,16 @@ class ClaimView:
 
         That is, an exclusive claim of the path by ``sid`` would be granted.
         """
-        rows = self._rows
-        return all(rows[cid].sid == sid for _, cid in self._index.matching(path))
+        index = self._index
+        for row in index.literal_items(path):
+            if row.sid != sid:
+                return False
+        for _, row in index.pattern_matching(path):
+            if row.sid != sid:
+                return False
+        if path[:1] == "@":
+            return all(row.sid == sid for _, row in index.matching(path))
+        return True
 
     def waiter(self, sid: str, rid: str) -> Waiter | None:
         """The queued request ``rid`` of ``sid``, if it is still waiting."""
@@ -441,7 +572,7 @@ class ClaimTable:
         self.repo = repo
         self.sequence = sequence
         self.limits = limits or Limits()
-        self.view = ClaimView()
+        self.view = ClaimView(eager=True)
         self.view.head = sequence.head(CLAIMS_STREAM)
         # Claim ids are unique across repositories, as a store keyed by id
         # needs, while staying short and derived from state alone.
@@ -449,6 +580,8 @@ class ClaimTable:
         self._deadlines: dict[str, float] = {}
         self._last_seen: dict[str, float] = {}
         self._ttl_heap: list[tuple[float, str]] = []
+        self._groups: list[list[Any]] | None = None
+        self._groups_head = -1
 
     # -- sessions -----------------------------------------------------------
 
@@ -503,12 +636,33 @@ class ClaimTable:
         """Wall time of the last request of ``sid``, if it is a session."""
         return self._last_seen.get(sid)
 
-    def snapshot(self) -> dict[str, Any]:
-        """The view in wire form, with each session's current ``last_seen``."""
-        snap = self.view.snapshot()
-        for data in snap["sessions"]:
-            data["last_seen"] = self._last_seen.get(data["sid"], data["last_seen"])
-        return snap
+    def snapshot(self, *, compact: bool = False) -> dict[str, Any]:
+        """The view in wire form, with each session's current ``last_seen``.
+
+        With ``compact`` the rows go as ``claim_groups`` (see
+        :meth:`ClaimView.snapshot`); that list is built once per claims-stream
+        head and shared by every snapshot until the next change: read it, do
+        not change it.
+        """
+        view = self.view
+        sessions = [info.to_wire() for info in view.sessions.values()]
+        last_seen = self._last_seen
+        for data in sessions:
+            data["last_seen"] = last_seen.get(data["sid"], data["last_seen"])
+        rows: dict[str, Any]
+        if compact:
+            if self._groups_head != view.head or self._groups is None:
+                self._groups = view.claim_groups()
+                self._groups_head = view.head
+            rows = {"claim_groups": self._groups}
+        else:
+            rows = {"claims": [row.to_wire() for row in view.claims()]}
+        return {
+            "head": view.head,
+            "sessions": sessions,
+            **rows,
+            "waiters": [waiter.to_wire() for waiter in view.waiters],
+        }
 
     # -- claims -------------------------------------------------------------
 
@@ -735,7 +889,7 @@ class ClaimTable:
 
         Every session gets a fresh lease plus ``grace_s`` to come back.
         """
-        view = ClaimView()
+        view = ClaimView(eager=True)
         view.load(
             {
                 "head": self.sequence.head(CLAIMS_STREAM),
@@ -744,6 +898,7 @@ class ClaimTable:
             }
         )
         self.view = view
+        self._groups = None
         self._deadlines = {
             info.sid: now.mono + info.lease_s + grace_s for info in sessions
         }

@@ -24,6 +24,7 @@ from fleetbus.errors import (
     Deadlock,
     LimitExceeded,
     NotOwner,
+    ProtocolError,
     UnknownSession,
 )
 from fleetbus.scope import Scope, parse_scope
@@ -919,3 +920,96 @@ def test_cancel_withdraws_a_wait_and_lets_the_next_one_through(fleet: Fleet) -> 
     assert [(sid, rid) for sid, rid, _reply in granted.deferred] == [("s3", "w3")]
     assert fleet.held() == ["b"]
     assert fleet.table.cancel("s2", "w2", now=T0).reply == {"cancelled": False}
+
+
+# -- the compact snapshot ------------------------------------------------------
+
+
+def test_compact_snapshot_groups_rows_that_share_all_but_id_and_scope(
+    fleet: Fleet,
+) -> None:
+    """One group per run of rows of a grant; a partial renewal splits the run."""
+    first = fleet.claim("s1", "a.py", "b.py", "c.py", ttl_s=30)
+    fleet.claim("s2", "src/", "@db")
+    assert first.reply is not None
+    renewed = first.reply["claims"][1]["id"]
+    fleet.table.renew("s1", ids=[renewed], ttl_s=60, now=T0)
+
+    groups = fleet.table.snapshot(compact=True)["claim_groups"]
+
+    assert [(g[0], g[-1]) for g in groups] == [
+        ("s1", ["a.py"]),
+        ("s1", ["b.py"]),
+        ("s1", ["c.py"]),
+        ("s2", ["src/", "@db"]),
+    ]
+    assert groups[1][7] == at(60).wall
+    loaded = ClaimView()
+    loaded.load(fleet.table.snapshot(compact=True))
+    assert loaded.snapshot() == fleet.table.view.snapshot()
+
+
+def test_compact_snapshot_is_reused_until_the_claims_change(fleet: Fleet) -> None:
+    """The groups list is the same object while the head stands, a new one after."""
+    fleet.claim("s1", "a.py")
+    before = fleet.table.snapshot(compact=True)["claim_groups"]
+    fleet.table.touch("s2", at(1))
+
+    same = fleet.table.snapshot(compact=True)["claim_groups"]
+    fleet.claim("s2", "b.py")
+    after = fleet.table.snapshot(compact=True)["claim_groups"]
+
+    assert same is before
+    assert after is not before
+    assert [g[-1] for g in after] == [["a.py"], ["b.py"]]
+
+
+@pytest.mark.parametrize(
+    "groups",
+    [
+        ["not a group"],
+        [["s1", "n", "exclusive", "", "g", 1, 0.0, None, ["c1"]]],
+        [["s1", "n", "exclusive", "", "g", 1, 0.0, None, ["c1"], ["a", "b"]]],
+        [["s1", "n", "exclusive", "", "g", 1, 0.0, None, [1], ["a"]]],
+        [["s1", "n", "exclusive", "", "g", 1, 0.0, None, [], []]],
+        [["s1", "n", "sole", "", "g", 1, 0.0, None, ["c1"], ["a"]]],
+        [["s1", "n", "exclusive", "", "g", "x", 0.0, None, ["c1"], ["a"]]],
+        [["s1", "n", "exclusive", "", "g", 1, 0.0, None, ["c1"], ["../a"]]],
+        [["s1", "n", "exclusive", "", "g", 1, 0.0, None, ["c1"], [7]]],
+        [["s1", "n", "exclusive", "", "g", 1, 0.0, None, ["c1", "c1"], ["a", "b"]]],
+    ],
+)
+def test_a_malformed_compact_snapshot_is_a_protocol_error(groups: Any) -> None:
+    """Every broken group is refused as ProtocolError, leaving the view empty."""
+    view = ClaimView()
+    good = ["s0", "n", "exclusive", "", "g0", 1, 0.0, None, ["c0"], ["z.py"]]
+
+    with pytest.raises(ProtocolError):
+        view.load({"head": 1, "claim_groups": [good, *groups]})
+
+    assert len(view) == 0
+    assert view.may_edit("z.py", "s1")
+
+
+def test_a_loaded_snapshot_canonicalises_scopes_it_parses() -> None:
+    """Literal texts take the fast path; others are parsed as ever."""
+    group = ["s1", "n", "exclusive", "", "g", 1, 0.0, None]
+    view = ClaimView()
+    view.load(
+        {
+            "head": 2,
+            "claim_groups": [[*group, ["c1", "c2", "c3"], ["src/a.py", "./b", "d/**"]]],
+        }
+    )
+
+    assert [row.scope.text for row in view.claims()] == ["src/a.py", "b", "d/"]
+    assert [row.id for row in view.holders("d/x")] == ["c3"]
+    assert not view.may_edit("b", "s2")
+    assert view.may_edit("b", "s1")
+
+
+def test_claim_groups_that_are_not_a_list_are_a_protocol_error() -> None:
+    """A snapshot whose claim_groups is an object or a string is refused."""
+    for groups in ({"g": []}, "groups"):
+        with pytest.raises(ProtocolError):
+            ClaimView().load({"head": 1, "claim_groups": groups})

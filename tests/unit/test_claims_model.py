@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -25,6 +26,7 @@ SCOPES = [
     for text in ("a", "a/", "a/b.py", "a/*.py", "b/**", "b/c", "*", "@db", "@ci")
 ]
 MODES: list[Mode] = ["exclusive", "shared"]
+PATHS = ["a", "a/b.py", "a/c.py", "a/b.py/x", "b", "b/c", "b/d/e", "c", "@db", "@ci"]
 
 sids = st.sampled_from(SIDS)
 scope_lists = st.lists(st.sampled_from(SCOPES), min_size=1, max_size=3)
@@ -203,6 +205,29 @@ class ClaimTableMachine(RuleBasedStateMachine):
         loaded = ClaimView()
         loaded.load(expected)
         assert loaded.snapshot() == expected
+
+    @invariant()
+    def compact_snapshot_loads_to_the_same_view(self) -> None:
+        expected = self.table.snapshot()
+        compact = orjson.loads(orjson.dumps(self.table.snapshot(compact=True)))
+        assert "claims" not in compact
+        loaded = ClaimView()
+        loaded.load(compact)
+        assert loaded.snapshot() == expected
+        assert loaded.snapshot(compact=True)["claim_groups"] == compact["claim_groups"]
+
+    @invariant()
+    def may_edit_and_holders_equal_a_scan(self) -> None:
+        view = self.table.view
+        rows = view.claims()
+        for path in PATHS:
+            holders = [row for row in rows if row.scope.matches(path)]
+            assert sorted(row.id for row in view.holders(path)) == sorted(
+                row.id for row in holders
+            )
+            for sid in SIDS:
+                free = all(row.sid == sid for row in holders)
+                assert view.may_edit(path, sid) == free, (path, sid)
 
     @invariant()
     def events_are_chained_and_fences_increase(self) -> None:
