@@ -82,11 +82,7 @@ def _optional_float(value: Any) -> float | None:
 
 
 def _wire_scope(text: Any) -> Scope:
-    """A scope as the broker sends it: canonical text, most often literal."""
-    if type(text) is str:
-        literal = literal_scope(text)
-        if literal is not None:
-            return literal
+    """A scope as the broker sends it, parsed; ``ProtocolError`` if malformed."""
     try:
         return parse_scope(text)
     except (BadInput, TypeError) as exc:
@@ -365,24 +361,30 @@ class ClaimView:
     def _load_groups(self, groups: Any) -> None:
         if not isinstance(groups, list):
             raise ProtocolError("claim_groups must be a list")
+        rows = self._rows
+        add = self._index.add
+        count = 0
         for group in groups:
             try:
                 shared, ids, texts = _group_rows(group)
             except (TypeError, ValueError, BadInput) as exc:
                 raise ProtocolError(f"malformed claim group: {exc}") from exc
-            sid, grant = shared[0], shared[4]
+            sid, name, mode, intent, grant, fence, since, expires = shared
             own = self._by_sid.setdefault(sid, {})
-            grant_ids = self._by_grant.setdefault(grant, [])
-            rows = self._rows
-            index = self._index
             for cid, text in zip(ids, texts, strict=True):
-                row = Claim(cid, sid, shared[1], _wire_scope(text), *shared[2:])
-                if cid in rows:
-                    raise ProtocolError(f"claim id {cid!r} appears twice")
+                scope = literal_scope(text) if type(text) is str else None
+                if scope is None:
+                    scope = _wire_scope(text)
+                row = Claim(
+                    cid, sid, name, scope, mode, intent, grant, fence, since, expires
+                )
                 rows[cid] = row
                 own[cid] = row
-                index.add(row.scope, row)
-            grant_ids.extend(ids)
+                add(scope, row)
+            self._by_grant.setdefault(grant, []).extend(ids)
+            count += len(ids)
+        if len(rows) != count:
+            raise ProtocolError("a claim id appears more than once in the snapshot")
 
     def snapshot(self, *, compact: bool = False) -> dict[str, Any]:
         """The whole view in wire form, as :meth:`load` takes it.
