@@ -2,16 +2,20 @@
 
 Both run the pure code (``ClaimView``, ``ClaimTable``) with a populated table,
 timing each call with ``perf_counter_ns`` (whose own cost, about 0.1 µs, is
-included in every figure).
+included in every figure). The local scenario also times the pure part of a
+join: building the compact snapshot, and decoding and loading it.
 """
 
 from __future__ import annotations
 
 import gc
 import random
+import statistics
 import time
 from collections.abc import Callable
 from typing import Any
+
+import orjson
 
 from bench.context import Run
 from bench.harness import cpus, pinned
@@ -114,6 +118,34 @@ def run(ctx: Run) -> None:
         "local_check_flatness",
         f"p50 with {sizes[-1]:,} claims over p50 with {sizes[0]}",
     )
+    _join_parts(ctx, 10_000)
+
+
+def _join_parts(ctx: Run, count: int) -> None:
+    """The pure part of a join with ``count`` claims, without the network."""
+    table, _ = _table(count)
+    build: list[float] = []
+    load: list[float] = []
+    for _ in range(ctx.reps * 3):
+        gc.collect()
+        began = time.perf_counter()
+        body = orjson.dumps(table.view.snapshot(compact=True))
+        built = time.perf_counter()
+        ClaimView().load(orjson.loads(body))
+        done = time.perf_counter()
+        build.append((built - began) * 1000)
+        load.append((done - built) * 1000)
+    label = _label(count)
+    for name, times, what in (
+        (f"snapshot_build_ms_{label}", build, "the compact snapshot built and encoded"),
+        (f"replica_load_ms_{label}", load, "the compact snapshot decoded and loaded"),
+    ):
+        ctx.report.add(name, [statistics.median(times)], "ms")
+        ctx.report.note(
+            name,
+            f"{what} of {count:,} claims in grants of 64, in process, encoded "
+            "with orjson; unpinned",
+        )
 
 
 def _label(size: int) -> str:
