@@ -9,11 +9,10 @@ without changing the session code.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import zmq
-import zmq.asyncio
 
 from fleetbus import log
 from fleetbus.errors import BadInput, BrokerUnavailable, FleetbusError
@@ -64,22 +63,23 @@ def open_transport(url: str) -> Transport:
 
 
 class ZmqTransport:
-    """A DEALER for requests and a SUB for events, on ``zmq.asyncio``.
+    """A DEALER for requests and a SUB for events, read on the running loop.
 
-    Receiving awaits one message, then drains the rest with non-blocking
-    receives on a synchronous shadow of the same socket: awaiting every message
-    costs several times more per message.
+    Each socket's file descriptor is watched by the event loop's selector;
+    a wait for replies or events drains every message ready with
+    non-blocking receives and parks on a future only when there is none.
+    This costs one wake-up per batch, where an awaited receive per message
+    costs several times more.
 
-    Sends go through the asyncio socket, never the shadow. A ZeroMQ socket
-    signals readiness by edges on one file descriptor, and any operation can
-    consume a pending edge; only the asyncio socket's own operations re-check
-    the socket's state afterwards, so a send on the shadow could leave a reply
-    waiting unseen.
+    A ZeroMQ socket signals readiness by edges on one file descriptor, and
+    any operation on the socket (a send, a subscription) can consume a
+    pending edge. So after each such operation the socket's ``EVENTS`` are
+    checked, and a waiting reader is woken if a message is in.
     """
 
-    def __init__(self, url: str, context: zmq.asyncio.Context | None = None) -> None:
+    def __init__(self, url: str, context: zmq.Context[Any] | None = None) -> None:
         self.url = url
-        self._ctx = context or zmq.asyncio.Context.instance()
+        self._ctx = context or zmq.Context.instance()
         self._pub: str | None = None
         self._topics: list[bytes] = []
         try:
@@ -89,15 +89,11 @@ class ZmqTransport:
         except zmq.ZMQError as exc:
             self.close()
             raise BrokerUnavailable(f"cannot connect to {url}: {exc}") from exc
-        self._control_sync: zmq.Socket[bytes] = zmq.Socket.shadow(
-            self._control.underlying
-        )
-        self._events_sync: zmq.Socket[bytes] = zmq.Socket.shadow(
-            self._events.underlying
-        )
+        self._replies_in = _Inbox(self._control, topic=False)
+        self._events_in = _Inbox(self._events, topic=True)
 
-    def _socket(self, kind: int) -> zmq.asyncio.Socket:
-        sock = self._ctx.socket(kind)
+    def _socket(self, kind: int) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = self._ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         apply_client_curve(sock, self.url)
         return sock
@@ -105,24 +101,16 @@ class ZmqTransport:
     def send(self, message: dict[str, Any]) -> None:
         """Queue one request; a full queue drops it, as a lost packet would."""
         try:
-            sent = cast(
-                "asyncio.Future[Any]",
-                self._control.send(encode(message), zmq.NOBLOCK),
-            )
+            self._control.send(encode(message), _NOBLOCK)
+        except zmq.Again:
+            _log().debug("request.dropped", rid=message.get("rid"))
         except zmq.ZMQError as exc:
             raise BrokerUnavailable(f"cannot send to {self.url}: {exc}") from exc
-        error = sent.exception() if sent.done() else None
-        if isinstance(error, zmq.Again):
-            _log().debug("request.dropped", rid=message.get("rid"))
-        elif error is not None:
-            raise BrokerUnavailable(f"cannot send to {self.url}: {error}") from error
+        self._replies_in.recheck()
 
     async def replies(self) -> list[dict[str, Any]]:
         """The next reply and every other one already in."""
-        frames = await self._control.recv_multipart()
-        first = _decode(frames)
-        rest = [body for _, body in _drain(self._control_sync, topic=False)]
-        return rest if first is None else [first, *rest]
+        return [body for _, body in await self._replies_in.batch()]
 
     def attach_events(self, pub: Any) -> None:
         """Connect (or move) the SUB to the broker's publisher."""
@@ -133,43 +121,92 @@ class ZmqTransport:
             self._events.disconnect(self._pub)
         self._events.connect(address)
         self._pub = address
+        self._events_in.recheck()
 
     def subscribe(self, topic: bytes) -> None:
         """Subscribe the SUB to a topic prefix."""
         if topic not in self._topics:
             self._events.setsockopt(zmq.SUBSCRIBE, topic)
             self._topics.append(topic)
+            self._events_in.recheck()
 
     async def events(self) -> list[Event]:
-        """Every event ready once the SUB turns readable (possibly none).
-
-        Subscribing changes the socket outside the asyncio wrapper, which can
-        swallow a readiness edge; the bounded wait makes such a loss cost at
-        most a fraction of a second instead of a stall.
-        """
-        await self._events.poll(timeout=_EVENT_RECHECK_MS)
-        return _drain(self._events_sync, topic=True)
+        """The next events and every other one already in."""
+        return await self._events_in.batch()
 
     def close(self) -> None:
         """Close both sockets with linger 0."""
+        for inbox in ("_replies_in", "_events_in"):
+            found = getattr(self, inbox, None)
+            if found is not None:
+                found.close()
         for name in ("_control", "_events"):
             sock = getattr(self, name, None)
             if sock is not None and not sock.closed:
                 sock.close(linger=0)
 
 
-_EVENT_RECHECK_MS = 250
-
 # One drain never takes more than this many messages, so that a flood on one
 # socket cannot starve the other tasks of the event loop.
 _DRAIN_LIMIT = 4096
+# Plain ints: flag enums cost a Python call per operation.
+_NOBLOCK = int(zmq.NOBLOCK)
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+
+
+class _Inbox:
+    """Batches of messages from one socket, waited for on the loop's selector."""
+
+    def __init__(self, sock: zmq.Socket[bytes], *, topic: bool) -> None:
+        self._sock = sock
+        self._topic = topic
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def batch(self) -> list[Event]:
+        """Every message ready, waiting until there is at least one."""
+        out = _drain(self._sock, topic=self._topic)
+        while not out:
+            loop = asyncio.get_running_loop()
+            if self._loop is None:
+                loop.add_reader(self._sock.FD, self._readable)
+                self._loop = loop
+            waiter = self._waiter = loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+            out = _drain(self._sock, topic=self._topic)
+        return out
+
+    def _readable(self) -> None:
+        # Reading EVENTS takes the edge: the descriptor stays quiet until
+        # something new arrives, whether or not anyone waits right now.
+        self._wake(self._sock.getsockopt(_EVENTS))
+
+    def recheck(self) -> None:
+        """After an operation on the socket: wake the reader if a message is in."""
+        if self._waiter is not None:
+            self._wake(self._sock.getsockopt(_EVENTS))
+
+    def _wake(self, events: Any) -> None:
+        waiter = self._waiter
+        if waiter is not None and int(events) & _POLLIN and not waiter.done():
+            waiter.set_result(None)
+
+    def close(self) -> None:
+        """Stop watching the socket."""
+        loop, self._loop = self._loop, None
+        if loop is not None and not loop.is_closed() and not self._sock.closed:
+            loop.remove_reader(self._sock.FD)
 
 
 def _drain(sock: zmq.Socket[Any], *, topic: bool) -> list[Event]:
     out: list[Event] = []
     for _ in range(_DRAIN_LIMIT):
         try:
-            frames = sock.recv_multipart(zmq.NOBLOCK)
+            frames = sock.recv_multipart(_NOBLOCK)
         except zmq.Again:
             break
         if not topic:
