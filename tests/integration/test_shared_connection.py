@@ -279,3 +279,48 @@ def test_blocking_sessions_share_a_loop_thread_and_a_connection(
         second.close()
 
     assert runner.loop.is_closed()
+
+
+def other_repo(tmp_path: Path) -> RepoInfo:
+    root = tmp_path / "other"
+    root.mkdir(exist_ok=True)
+    return RepoInfo(id=f"path:{root}", root=root, branch=None)
+
+
+async def test_sessions_joining_together_take_one_snapshot(
+    join: Callable[..., Any], tmp_path: Path
+) -> None:
+    """Five sessions of a repository connecting at once load one snapshot."""
+    keeper = await join("keeper")
+    snapshots = count_sent(keeper, "snapshot")
+    repo = other_repo(tmp_path)
+
+    sessions = await asyncio.gather(*(join(f"s{n}", repo=repo) for n in range(5)))
+    streams = [s.events() for s in sessions]
+    await sessions[0].claim("src/a.py")
+    await sessions[4].wait_synced()
+
+    assert snapshots[0] == 1
+    assert all(s.sid in sessions[4].sessions for s in sessions)
+    for stream in streams:
+        first = await next_event(stream, lambda e: True)
+        assert first["type"] == "claim.granted"
+
+
+async def test_a_replica_goes_with_its_last_session_and_comes_back_fed(
+    join: Callable[..., Any], tmp_path: Path
+) -> None:
+    """With the connection kept by another repository, a replica starts over."""
+    await join("keeper", repo=other_repo(tmp_path))
+    gone = await join("gone")
+    connection = gone._connection
+    await gone.close()
+
+    assert gone._shared not in connection.replicas.values()
+    a, b = await join("a"), await join("b")
+    grant = await a.claim("src/a.py")
+    await b.wait_synced()
+
+    assert a._connection is connection
+    assert a._shared is not gone._shared
+    assert [row.grant for row in b.holders("src/a.py")] == [grant.id]

@@ -136,6 +136,14 @@ class Connection:
                 self._events = self.loop.create_task(self._read_events())
         return replica
 
+    def forget(self, replica: Replica) -> None:
+        """Stop feeding ``replica``: its last session has gone."""
+        if self.replicas.get(replica.repo) is not replica:
+            return
+        del self.replicas[replica.repo]
+        del self._by_topic[wire.claims_topic(replica.repo)]
+        del self._by_repo[replica.repo.encode()]
+
     def close(self) -> None:
         """Stop reading and close the sockets, failing whatever still waits."""
         if self.closed:
@@ -146,7 +154,7 @@ class Connection:
             for task in (self._replies, self._events):
                 if task is not None:
                     task.cancel()
-        for replica in self.replicas.values():
+        for replica in list(self.replicas.values()):
             replica.close()
         for pending in self.pending.values():
             if not pending.future.done():
@@ -302,7 +310,9 @@ class Replica:
         if self._task is None:
             self.epoch = session.epoch
             self._task = self.connection.loop.create_task(self._repair_loop())
-        if not self.synced_once or session.epoch != self.epoch:
+            self.want_repair()
+        elif session.epoch != self.epoch:
+            # Joined in an epoch the replica has not seen: the broker restarted.
             self.want_repair()
 
     def detach(self, session: AsyncSession) -> None:
@@ -321,8 +331,7 @@ class Replica:
         """Stop repairing; the replica is no longer fed."""
         if self._task is not None and not self.connection.loop.is_closed():
             self._task.cancel()
-        if self.connection.replicas.get(self.repo) is self:
-            del self.connection.replicas[self.repo]
+        self.connection.forget(self)
 
     # -- repair ---------------------------------------------------------------
 
