@@ -471,9 +471,17 @@ class ClaimView:
                 ]
 
     def _add(self, row: Claim) -> None:
-        self._rows[row.id] = row
-        self._by_sid.setdefault(row.sid, {})[row.id] = row
-        self._by_grant.setdefault(row.grant, []).append(row.id)
+        cid = row.id
+        self._rows[cid] = row
+        own = self._by_sid.get(row.sid)
+        if own is None:
+            own = self._by_sid[row.sid] = {}
+        own[cid] = row
+        ids = self._by_grant.get(row.grant)
+        if ids is None:
+            self._by_grant[row.grant] = [cid]
+        else:
+            ids.append(cid)
         self._index.add(row.scope, row)
 
     def _remove(self, cid: str) -> None:
@@ -687,7 +695,7 @@ class ClaimTable:
         (``Outcome.queued`` is the position) unless waiting would deadlock.
         """
         self.touch(sid, now)
-        waiting = self.view.waiter(sid, rid)
+        waiting = self.view.waiter(sid, rid) if self.view.waiters else None
         if waiting is not None:
             return Outcome([], None, queued=self.view.waiters.index(waiting) + 1)
         wanted = self._check_claim(sid, scopes, mode, intent, ttl_s, wait_s)
@@ -979,19 +987,20 @@ class ClaimTable:
         grant = f"{self._tag}:{fence}"
         expires = None if ttl_s is None else now.wall + ttl_s
         name = self.view.sessions[sid].name
-        rows = [
-            Claim(
-                id=f"{grant}.{n}",
-                sid=sid,
-                name=name,
-                scope=scope,
-                mode=mode,
-                intent=intent,
-                grant=grant,
-                fence=fence,
-                since=now.wall,
-                expires=expires,
-            ).to_wire()
+        # The rows in wire form (Claim.to_wire), built directly.
+        rows: list[dict[str, Any]] = [
+            {
+                "id": f"{grant}.{n}",
+                "sid": sid,
+                "name": name,
+                "scope": scope.text,
+                "mode": mode,
+                "intent": intent,
+                "grant": grant,
+                "fence": fence,
+                "since": now.wall,
+                "expires": expires,
+            }
             for n, scope in enumerate(scopes, 1)
         ]
         event = {
