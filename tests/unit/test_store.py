@@ -134,7 +134,7 @@ def test_rollback_drops_the_batch_and_its_deferred_rows(tmp_path: Path) -> None:
     store.begin()
     _publish(table, "never committed")
     store.record_request("s1", "r1", 100.0, b"{}")
-    facts.put_reply("s1", "r2", 100.0, b"{}")
+    facts.put_reply("s1", "r2", 100.0, "git:r", 1)
 
     store.rollback()
     store.begin()
@@ -287,3 +287,36 @@ def test_stored_facts_answer_queries_like_facts_in_memory(
         assert list(stored.concerning(scope)) == list(memory.concerning(scope))
     assert stored.query(limit=7) == memory.query(limit=7)
     assert len(stored) == len(memory)
+
+
+def test_a_publish_reply_outlives_its_fact_within_the_retry_window(
+    tmp_path: Path,
+) -> None:
+    """A retried publish gets its first reply, rebuilt from its fact, or kept
+    when retention drops the fact before the retry window ends."""
+    store = Store(tmp_path / "db.sqlite")
+    facts = FactStore(store)
+    facts.wall = lambda: 100.0
+    table = FactTable(
+        "git:r",
+        Sequence(),
+        FactLimits(max_facts=1),
+        rows=StoredFacts(facts, "git:r"),
+        heads=StoredHeads(facts, "git:r"),
+    )
+    replies = []
+    for rid in ("r1", "r2"):
+        facts.rid = rid
+        out = table.publish("s1", "S1", [parse_scope("src/")], rid, now=100.0)
+        assert out.reply is not None
+        fact = out.events[0].event["fact"]
+        replies.append(broker_facts.publish_reply(rid, fact, out.reply.seq))
+        facts.put_reply("s1", rid, 100.0, "git:r", out.reply.seq)
+        store.commit()
+    facts.rid = None
+    table.retract("s1", "f2", 101.0)
+    store.commit()
+
+    assert [facts.reply("s1", rid, 0.0) for rid in ("r1", "r2")] == replies
+    assert facts.reply("s1", "r1", 200.0) is None
+    assert table.get("f1") is None

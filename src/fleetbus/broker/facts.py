@@ -11,13 +11,16 @@ fact of its own on those scopes.
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from fleetbus import wire
+from fleetbus.broker.store import FACT_REPLIES
 from fleetbus.errors import BadInput
 from fleetbus.facts import (
     BROKER_AUTHOR,
@@ -44,27 +47,42 @@ TOPICS_CACHED = 4096
 WARNING_TTL_S = 86_400.0
 """How long the broker's own warning about a lost session stays live."""
 
+# A fact is one row of columns; ``id`` and ``body`` (the fact's wire form, as
+# readers of the store before this layout know it) are computed, not stored.
 _FACTS = """CREATE TABLE IF NOT EXISTS facts (
     n INTEGER PRIMARY KEY,
     repo TEXT NOT NULL,
     seq INTEGER NOT NULL,
     changed INTEGER NOT NULL,
-    live INTEGER NOT NULL,
+    state TEXT NOT NULL,
     at REAL NOT NULL,
     expires REAL,
     sid TEXT NOT NULL,
     name TEXT NOT NULL,
     kind TEXT NOT NULL,
     topics TEXT NOT NULL,
-    id TEXT NOT NULL,
     text TEXT NOT NULL,
-    body BLOB NOT NULL
+    supersedes TEXT,
+    ended_at REAL,
+    superseded_by TEXT,
+    rid TEXT,
+    id TEXT GENERATED ALWAYS AS ('f' || seq) VIRTUAL,
+    body TEXT GENERATED ALWAYS AS (json_object(
+        'id', 'f' || seq, 'seq', seq, 'topics', json(topics), 'body', text,
+        'kind', kind, 'sid', sid, 'name', name, 'at', at, 'expires', expires,
+        'supersedes', supersedes, 'state', state, 'changed', changed,
+        'ended_at', ended_at, 'superseded_by', superseded_by
+    )) VIRTUAL
 )"""
+_COLUMNS = (
+    "seq, changed, state, at, expires, sid, name, kind, topics, text, "
+    "supersedes, ended_at, superseded_by"
+)
 _TABLES = (
     "CREATE UNIQUE INDEX IF NOT EXISTS facts_seq ON facts (repo, seq)",
     "CREATE INDEX IF NOT EXISTS facts_changed ON facts (repo, changed)",
     """CREATE INDEX IF NOT EXISTS facts_expiry ON facts (repo, expires)
-        WHERE live = 1 AND expires IS NOT NULL""",
+        WHERE state = 'live' AND expires IS NOT NULL""",
     """CREATE TABLE IF NOT EXISTS fact_topics (
         repo TEXT NOT NULL,
         key TEXT NOT NULL,
@@ -82,7 +100,10 @@ _TABLES = (
 )
 _FTS = "CREATE VIRTUAL TABLE IF NOT EXISTS facts_fts USING fts5(text)"
 
-_INSERT_FACT = "INSERT INTO facts VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_INSERT_FACT = (
+    "INSERT INTO facts (n, repo, rid, " + _COLUMNS + ") "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 _INSERT_FTS = "INSERT INTO facts_fts (rowid, text) VALUES (?, ?)"
 _INSERT_TOPIC = "INSERT OR IGNORE INTO fact_topics VALUES (?, ?, ?)"
 _DELETE_FTS = (
@@ -93,7 +114,7 @@ _DELETE_FACT = "DELETE FROM facts WHERE repo = ? AND seq = ?"
 _DELETE_TOPIC = "DELETE FROM fact_topics WHERE repo = ? AND key = ? AND seq = ?"
 _DELETE_SEEN = "DELETE FROM facts_seen WHERE repo = ? AND id = ?"
 _PUT_HEAD = "INSERT OR REPLACE INTO heads VALUES (?, ?, ?)"
-_PUT_REPLY = "INSERT OR REPLACE INTO fact_replies VALUES (?, ?, ?, ?)"
+_PUT_REPLY = "INSERT OR REPLACE INTO fact_replies VALUES (?, ?, ?, ?, ?, ?)"
 
 HEADS_CACHED = 65_536
 """Most facts stream heads one repository keeps in memory; the rest are read
@@ -143,8 +164,32 @@ def _seq_of(fact_id: str) -> int | None:
     return int(digits)
 
 
-def _fact(body: bytes) -> Fact:
-    return Fact.from_wire(orjson.loads(body))
+def _fact(row: tuple[Any, ...]) -> Fact:
+    """A fact from its columns (:data:`_COLUMNS`)."""
+    seq, changed, state, at, expires, sid, name, kind, topics, text = row[:10]
+    return Fact(
+        id=f"f{seq}",
+        seq=seq,
+        topics=tuple(parse_scope(topic) for topic in orjson.loads(topics)),
+        body=text,
+        kind=kind,
+        sid=sid,
+        name=name,
+        at=at,
+        expires=expires,
+        supersedes=row[10],
+        state=state,
+        changed=changed,
+        ended_at=row[11],
+        superseded_by=row[12],
+    )
+
+
+def _as_published(fact: Fact) -> Fact:
+    """The fact as it stood when it was published."""
+    return dataclasses.replace(
+        fact, state="live", changed=fact.seq, ended_at=None, superseded_by=None
+    )
 
 
 class FactStore:
@@ -169,8 +214,13 @@ class FactStore:
             self.fts = True
         # A store opened by one earlier version indexes new facts by trigger.
         db.execute("DROP TRIGGER IF EXISTS facts_fts_insert")
-        columns = [row[1] for row in db.execute("PRAGMA table_info(facts)")]
-        if columns and "seq" not in columns:
+        replies = [row[1] for row in db.execute("PRAGMA table_info(fact_replies)")]
+        if "seq" not in replies:
+            # An earlier layout kept whole replies: retry memory, not state.
+            db.execute("DROP TABLE IF EXISTS fact_replies")
+            db.executescript(FACT_REPLIES)
+        columns = [row[1] for row in db.execute("PRAGMA table_xinfo(facts)")]
+        if columns and "state" not in columns:
             self._migrate()
         else:
             db.execute(_FACTS)
@@ -178,10 +228,15 @@ class FactStore:
                 db.execute(statement)
         self._pending: dict[tuple[str, int], Fact] = {}
         self._flushes = store.flushes
+        self.rid: str | None = None
+        """The id of the publish request being applied, kept with its fact."""
+        self.wall: Callable[[], float] = time.time
+        self.reply_window_s = 600.0
         self._next_n = (db.execute("SELECT max(n) FROM facts").fetchone()[0] or 0) + 1
 
     def _migrate(self) -> None:
-        """Give every fact of a schema-2 store its columns and topic keys.
+        """Give every fact of a schema-2 store (one JSON document each) its
+        columns and topic keys.
 
         The rows keep their numbers, so the full-text index stays valid.
         """
@@ -192,11 +247,10 @@ class FactStore:
             db.execute(_FACTS)
             for statement in _TABLES:
                 db.execute(statement)
-            rows = db.execute("SELECT n, repo, text, body FROM facts_v2 ORDER BY n")
-            for n, repo, text, body in rows.fetchall():
-                fact = _fact(body)
-                db.execute(_INSERT_FACT, _fact_row(n, repo, fact, text, body))
-                db.execute("UPDATE facts SET live = ? WHERE n = ?", (int(fact.live), n))
+            rows = db.execute("SELECT n, repo, body FROM facts_v2 ORDER BY n")
+            for n, repo, body in rows.fetchall():
+                fact = Fact.from_wire(orjson.loads(body))
+                db.execute(_INSERT_FACT, _fact_row(n, repo, None, fact))
                 db.executemany(
                     _INSERT_TOPIC,
                     [(repo, topic_key(topic), fact.seq) for topic in fact.topics],
@@ -233,15 +287,14 @@ class FactStore:
         """Defer the rows of a new fact; returns its wire form, encoded."""
         n = self._next_n
         self._next_n += 1
-        body = orjson.dumps(fact.to_wire())
         store = self.store
-        store.defer(_INSERT_FACT, _fact_row(n, repo, fact, fact.body, body))
+        store.defer(_INSERT_FACT, _fact_row(n, repo, self.rid, fact))
         if self.fts:
             store.defer(_INSERT_FTS, (n, fact.body))
         for topic in fact.topics:
             store.defer(_INSERT_TOPIC, (repo, topic_key(topic), fact.seq))
         self._current()[(repo, fact.seq)] = fact
-        return orjson.Fragment(body)
+        return orjson.Fragment(orjson.dumps(fact.to_wire()))
 
     def ended(self, repo: str, facts: list[Fact]) -> None:
         """Write the new state of facts that ended."""
@@ -249,18 +302,16 @@ class FactStore:
             self.store.flush()
         self.store.begin()
         self.db.executemany(
-            "UPDATE facts SET changed = ?, live = 0, body = ? "
-            "WHERE repo = ? AND seq = ?",
-            [
-                (fact.changed, orjson.dumps(fact.to_wire()), repo, fact.seq)
-                for fact in facts
-            ],
+            "UPDATE facts SET changed = ?, state = ?, ended_at = ?, "
+            "superseded_by = ? WHERE repo = ? AND seq = ?",
+            [_end_row(repo, fact) for fact in facts],
         )
 
     def remove(self, repo: str, facts: list[Fact]) -> None:
         """Defer forgetting facts, their index entries and who has seen them."""
         if any((repo, fact.seq) in self._current() for fact in facts):
             self.store.flush()
+        self._keep_replies(repo, facts)
         store = self.store
         for fact in facts:
             if self.fts:
@@ -290,17 +341,16 @@ class FactStore:
         if fact is not None:
             return fact
         row = self.db.execute(
-            "SELECT body FROM facts WHERE repo = ? AND seq = ?", (repo, seq)
+            f"SELECT {_COLUMNS} FROM facts WHERE repo = ? AND seq = ?", (repo, seq)
         ).fetchone()
-        return None if row is None else _fact(row[0])
+        return None if row is None else _fact(row)
 
     def rows(self, repo: str, where: str, args: list[Any], order: str) -> Any:
-        """A cursor over ``(topics, body)`` of the facts of ``repo`` matching
-        the SQL condition ``where``, in ``order``."""
+        """A cursor over the columns (:data:`_COLUMNS`) of the facts of
+        ``repo`` matching the SQL condition ``where``, in ``order``."""
         self.settle()
         return self.db.execute(
-            f"SELECT topics, body FROM facts WHERE repo = ? AND {where} "
-            f"ORDER BY {order}",
+            f"SELECT {_COLUMNS} FROM facts WHERE repo = ? AND {where} ORDER BY {order}",
             (repo, *args),
         )
 
@@ -359,38 +409,82 @@ class FactStore:
         self.store.put(_PUT_HEAD, (repo, stream), (repo, stream, seq))
 
     def reply(self, sid: str, rid: str, since: float) -> bytes | None:
-        """The stored reply to a publish recorded after ``since``, if any."""
-        put = self.store.pending(_PUT_REPLY, (sid, rid))
-        if put is not None:
-            return bytes(put[3])
-        row = self.db.execute(
-            "SELECT reply FROM fact_replies WHERE sid = ? AND rid = ? AND at >= ?",
-            (sid, rid, since),
-        ).fetchone()
-        return None if row is None else bytes(row[0])
+        """The first reply to a publish recorded after ``since``, if any.
 
-    def put_reply(self, sid: str, rid: str, at: float, reply: bytes) -> None:
-        """Remember the reply to a publish, for retries, in this batch."""
-        self.store.put(_PUT_REPLY, (sid, rid), (sid, rid, at, reply))
+        The reply is rebuilt from its fact, as published; only for a fact
+        dropped within the retry window is the reply itself kept.
+        """
+        row = self.store.pending(_PUT_REPLY, (sid, rid))
+        if row is None:
+            row = self.db.execute(
+                "SELECT * FROM fact_replies WHERE sid = ? AND rid = ? AND at >= ?",
+                (sid, rid, since),
+            ).fetchone()
+        if row is None:
+            return None
+        _sid, _rid, _at, repo, seq, kept = row
+        if kept is not None:
+            return bytes(kept)
+        fact = self.get(repo, seq)
+        if fact is None:
+            return None
+        return publish_reply(rid, _as_published(fact).to_wire(), seq)
+
+    def put_reply(self, sid: str, rid: str, at: float, repo: str, seq: int) -> None:
+        """Remember which fact a publish published, for retries, in this batch."""
+        self.store.put(_PUT_REPLY, (sid, rid), (sid, rid, at, repo, seq, None))
+
+    def _keep_replies(self, repo: str, facts: list[Fact]) -> None:
+        """Keep the replies of publishes still in the retry window whose facts
+        are being dropped."""
+        horizon = self.wall() - self.reply_window_s
+        for fact in facts:
+            if fact.at < horizon:
+                continue
+            row = self.db.execute(
+                "SELECT rid FROM facts WHERE repo = ? AND seq = ?", (repo, fact.seq)
+            ).fetchone()
+            if row is None or row[0] is None:
+                continue
+            rid = str(row[0])
+            reply = publish_reply(rid, _as_published(fact).to_wire(), fact.seq)
+            self.store.put(
+                _PUT_REPLY,
+                (fact.sid, rid),
+                (fact.sid, rid, fact.at, repo, fact.seq, reply),
+            )
 
 
-def _fact_row(n: int, repo: str, fact: Fact, text: str, body: bytes) -> tuple[Any, ...]:
+def publish_reply(rid: str, fact: Any, seq: int) -> bytes:
+    """The encoded reply to the publish ``rid``; ``fact`` is the published
+    fact's wire form (a dict, or encoded as an orjson fragment)."""
+    return wire.encode(wire.ok(rid, fact=fact, seq=seq))
+
+
+def _fact_row(n: int, repo: str, rid: str | None, fact: Fact) -> tuple[Any, ...]:
     topics = orjson.dumps([topic.text for topic in fact.topics]).decode()
     return (
         n,
         repo,
+        rid,
         fact.seq,
         fact.changed,
+        fact.state,
         fact.at,
         fact.expires,
         fact.sid,
         fact.name,
         fact.kind,
         topics,
-        fact.id,
-        text,
-        body,
+        fact.body,
+        fact.supersedes,
+        fact.ended_at,
+        fact.superseded_by,
     )
+
+
+def _end_row(repo: str, fact: Fact) -> tuple[Any, ...]:
+    return (fact.changed, fact.state, fact.ended_at, fact.superseded_by, repo, fact.seq)
 
 
 def _escape_like(word: str) -> str:
@@ -448,14 +542,14 @@ class StoredFacts:
         if count > self._count - self.store.unwritten():
             self.store.settle()
         rows = self.store.db.execute(
-            "SELECT at, body FROM facts WHERE repo = ? AND seq > ? "
+            f"SELECT {_COLUMNS} FROM facts WHERE repo = ? AND seq > ? "
             "ORDER BY seq LIMIT ?",
             (self.repo, self._floor, count),
         )
-        for at, body in rows:
-            if at_most is not None and at > at_most:
+        for row in rows:
+            if at_most is not None and row[3] > at_most:
                 break
-            out.append(_fact(body))
+            out.append(_fact(row))
         return out
 
     def first_at(self) -> float | None:
@@ -474,7 +568,7 @@ class StoredFacts:
         self.store.settle()
         return self.store.db.execute(
             "SELECT expires, id FROM facts "
-            "WHERE repo = ? AND live = 1 AND expires IS NOT NULL",
+            "WHERE repo = ? AND state = 'live' AND expires IS NOT NULL",
             (self.repo,),
         ).fetchall()
 
@@ -492,10 +586,10 @@ class StoredFacts:
             order += " DESC"
         found: list[Fact] = []
         cursor = self.store.rows(self.repo, " AND ".join(where), args, order)
-        for topics, body in cursor:
-            if scopes is not None and not _concerns(topics, scopes):
+        for row in cursor:
+            if scopes is not None and not _concerns(row[8], scopes):
                 continue
-            found.append(_fact(body))
+            found.append(_fact(row))
             if len(found) > query.limit:
                 break
         more = len(found) > query.limit
@@ -505,7 +599,7 @@ class StoredFacts:
         return found, more
 
     def concerning(self, scopes: list[Scope]) -> Iterator[Fact]:
-        where, args = ["live = 1"], []
+        where, args = ["state = 'live'"], []
         clause = _scope_clause(scopes)
         if clause is not None:
             where.append(
@@ -513,16 +607,16 @@ class StoredFacts:
             )
             args.extend([self.repo, *clause[1]])
         cursor = self.store.rows(self.repo, " AND ".join(where), args, "seq")
-        for topics, body in cursor.fetchall():
-            if _concerns(topics, scopes):
-                yield _fact(body)
+        for row in cursor.fetchall():
+            if _concerns(row[8], scopes):
+                yield _fact(row)
 
 
 def _filters(query: FactQuery) -> tuple[list[str], list[Any]]:
     where: list[str] = []
     args: list[Any] = []
     if not query.history:
-        where.append("live = 1")
+        where.append("state = 'live'")
     if query.kind is not None:
         where.append("kind = ?")
         args.append(query.kind)
@@ -613,6 +707,8 @@ class FactService:
         """
         assert self.broker.store is not None
         self.store = FactStore(self.broker.store)
+        self.store.wall = self.broker.clock.wall
+        self.store.reply_window_s = self.broker.config.request_memory_s
         self.tables.clear()
         for repo in list(self.broker.sequences):
             if self.store.holds(repo):
@@ -760,24 +856,28 @@ class FactService:
             )
         body = check_body(message.get("body"), self.limits.body_bytes)
         table = self._table(claims.repo)
-        outcome = table.publish(
-            sid,
-            claims.view.sessions[sid].name,
-            topics,
-            body,
-            kind=_optional_kind(message),
-            ttl_s=None if ttl is None else float(ttl) / 1000,
-            supersedes=supersedes,
-            now=broker.clock.wall(),
-        )
+        assert self.store is not None
+        self.store.rid = rid
+        try:
+            outcome = table.publish(
+                sid,
+                claims.view.sessions[sid].name,
+                topics,
+                body,
+                kind=_optional_kind(message),
+                ttl_s=None if ttl is None else float(ttl) / 1000,
+                supersedes=supersedes,
+                now=broker.clock.wall(),
+            )
+        finally:
+            self.store.rid = None
         self._absorb(claims.repo, outcome)
         assert outcome.reply is not None
-        assert self.store is not None
-        fact = outcome.events[0].event["fact"]
-        encoded = wire.encode(wire.ok(rid, fact=fact, seq=outcome.reply.seq))
-        # Kept in the store only: a publish is rarely retried, and replies
+        seq = outcome.reply.seq
+        encoded = publish_reply(rid, outcome.events[0].event["fact"], seq)
+        # Remembered in the store only, by the fact it published: replies
         # held in memory for the whole retry window would outweigh the facts.
-        self.store.put_reply(sid, rid, broker.clock.wall(), encoded)
+        self.store.put_reply(sid, rid, broker.clock.wall(), claims.repo, seq)
         broker._outbox.append((ident, rid, encoded))
 
     def _replay(self, ident: bytes, sid: str, rid: str) -> bool:

@@ -57,15 +57,20 @@ CREATE TABLE IF NOT EXISTS requests (
     PRIMARY KEY (sid, rid)
 );
 CREATE INDEX IF NOT EXISTS requests_at ON requests (at);
-CREATE TABLE IF NOT EXISTS fact_replies (
+"""
+
+FACT_REPLIES = """CREATE TABLE IF NOT EXISTS fact_replies (
     sid TEXT NOT NULL,
     rid TEXT NOT NULL,
     at REAL NOT NULL,
-    reply BLOB NOT NULL,
+    repo TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    reply BLOB,
     PRIMARY KEY (sid, rid)
-);
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS fact_replies_at ON fact_replies (at);
 """
+"""Which fact each recent publish published, for retries (see the fact store)."""
 
 FACTS_STREAMS = "facts:"
 """The stream keys of facts topics start with this; their heads are read
@@ -104,6 +109,7 @@ class Store:
             self.db.execute(f"PRAGMA synchronous={synchronous}")
             self.db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             self.db.executescript(_SCHEMA)
+            self.db.executescript(FACT_REPLIES)
             self._check_version()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open store {path}: {exc}") from exc
