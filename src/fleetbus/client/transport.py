@@ -156,17 +156,24 @@ _EVENTS = int(zmq.EVENTS)
 
 
 class _Inbox:
-    """Batches of messages from one socket, waited for on the loop's selector."""
+    """Batches of messages from one socket, waited for on the loop's selector.
+
+    ``_maybe`` says a message may be in without an edge to tell of it (one
+    was taken while nobody waited, or a drain stopped at its limit), so the
+    next batch drains before it waits; otherwise it waits first, which spares
+    a receive that would find nothing.
+    """
 
     def __init__(self, sock: zmq.Socket[bytes], *, topic: bool) -> None:
         self._sock = sock
         self._topic = topic
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._maybe = True
 
     async def batch(self) -> list[Event]:
         """Every message ready, waiting until there is at least one."""
-        out = _drain(self._sock, topic=self._topic)
+        out = self._drain() if self._maybe else []
         while not out:
             loop = asyncio.get_running_loop()
             if self._loop is None:
@@ -177,23 +184,52 @@ class _Inbox:
                 await waiter
             finally:
                 self._waiter = None
-            out = _drain(self._sock, topic=self._topic)
+            out = self._drain()
         return out
 
     def _readable(self) -> None:
-        # Reading EVENTS takes the edge: the descriptor stays quiet until
-        # something new arrives, whether or not anyone waits right now.
-        self._wake(self._sock.getsockopt(_EVENTS))
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+            return
+        # Nobody to wake: reading EVENTS takes the edge, so that the
+        # descriptor stays quiet until something new arrives.
+        self._sock.getsockopt(_EVENTS)
+        self._maybe = True
 
     def recheck(self) -> None:
-        """After an operation on the socket: wake the reader if a message is in."""
-        if self._waiter is not None:
-            self._wake(self._sock.getsockopt(_EVENTS))
-
-    def _wake(self, events: Any) -> None:
+        """After an operation on the socket: a message may be in unannounced."""
         waiter = self._waiter
-        if waiter is not None and int(events) & _POLLIN and not waiter.done():
+        if waiter is None:
+            self._maybe = True
+        elif int(self._sock.getsockopt(_EVENTS)) & _POLLIN and not waiter.done():
             waiter.set_result(None)
+
+    def _drain(self) -> list[Event]:
+        sock = self._sock
+        out: list[Event] = []
+        self._maybe = False
+        for _ in range(_DRAIN_LIMIT):
+            try:
+                # A reply is one frame; an event message is a topic and one
+                # frame per event.
+                if not self._topic:
+                    frame = sock.recv(_NOBLOCK)
+                else:
+                    frames = sock.recv_multipart(_NOBLOCK)
+            except zmq.Again:
+                return out
+            if not self._topic:
+                body = _decode(frame)
+                if body is not None:
+                    out.append((b"", body))
+                continue
+            for frame in frames[1:]:
+                event = _decode(frame)
+                if event is not None:
+                    out.append((frames[0], event))
+        self._maybe = True
+        return out
 
     def close(self) -> None:
         """Stop watching the socket."""
@@ -202,29 +238,9 @@ class _Inbox:
             loop.remove_reader(self._sock.FD)
 
 
-def _drain(sock: zmq.Socket[Any], *, topic: bool) -> list[Event]:
-    out: list[Event] = []
-    for _ in range(_DRAIN_LIMIT):
-        try:
-            frames = sock.recv_multipart(_NOBLOCK)
-        except zmq.Again:
-            break
-        if not topic:
-            body = _decode(frames)
-            if body is not None:
-                out.append((b"", body))
-            continue
-        # An event message is a topic and one event frame per event.
-        for frame in frames[1:]:
-            event = _decode([frame])
-            if event is not None:
-                out.append((frames[0], event))
-    return out
-
-
-def _decode(frames: list[bytes]) -> dict[str, Any] | None:
+def _decode(frame: bytes) -> dict[str, Any] | None:
     try:
-        return decode(frames[-1], limit=MAX_BROKER_MESSAGE_BYTES)
+        return decode(frame, limit=MAX_BROKER_MESSAGE_BYTES)
     except FleetbusError as exc:
         _log().warning("message.undecodable", error=str(exc))
         return None
