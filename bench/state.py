@@ -26,6 +26,10 @@ from fleetbus import wire
 
 REPO = "bench:state"
 MIB = 1024 * 1024
+PUBLISHERS = 4
+FACTS_LIMIT_S = 600
+"""Bound on publishing the full run's 1,000,000 facts; the count built is
+reported either way."""
 
 
 @dataclass(frozen=True)
@@ -55,24 +59,37 @@ def build(broker: Broker, size: Size, facts_limit_s: float) -> dict[str, float]:
         began = time.monotonic()
         client.pipeline(_claims(size))
         took["claims_s"] = time.monotonic() - began
+        # Several DEALERs, each a peer with its own rate limit, so that the
+        # broker and not the limit bounds how fast the facts go in.
+        publishers = [raw.RawClient(zctx, broker.url) for _ in range(PUBLISHERS)]
         began = time.monotonic()
-        refused = client.errors
-        stored = client.pipeline(
-            (
-                raw.publish(
-                    f"s{n % size.sessions}", scope_text(n), f"fact {n} " + "x" * 80
-                )
-                for n in range(size.facts)
-            ),
-            timeout_s=facts_limit_s,
-        )
+        try:
+            replies = raw.pump(
+                [
+                    (publisher, _facts(size, n, len(publishers)))
+                    for n, publisher in enumerate(publishers)
+                ],
+                timeout_s=facts_limit_s,
+            )
+        finally:
+            for publisher in publishers:
+                publisher.close()
         took["facts_s"] = time.monotonic() - began
-        took["facts"] = len(stored) - (client.errors - refused)
-        took["errors"] = client.errors
+        refused = sum(publisher.errors for publisher in publishers)
+        took["facts"] = replies - refused
+        took["errors"] = client.errors + refused
     finally:
         client.close()
         zctx.term()
     return took
+
+
+def _facts(size: Size, first: int, step: int) -> Any:
+    """Every ``step``-th fact of the state from ``first``, each on its own topic."""
+    for n in range(first, size.facts, step):
+        yield raw.publish(
+            f"s{n % size.sessions}", scope_text(n), f"fact {n} " + "x" * 80
+        )
 
 
 def _claims(size: Size) -> Any:
@@ -158,7 +175,7 @@ def run_memory(ctx: Run) -> None:
         stack.callback(broker.stop)
         broker.start()
         empty = rss_bytes(broker.pid)
-        built = build(broker, size, ctx.scale(10, 300))
+        built = build(broker, size, ctx.scale(10, FACTS_LIMIT_S))
         rss = rss_bytes(broker.pid)
         for _ in range(ctx.reps):
             broker.stop()
@@ -182,8 +199,8 @@ def run_memory(ctx: Run) -> None:
     report.add("build_facts_per_s", [built["facts"] / built["facts_s"]], "/s")
     report.note(
         "build_facts_per_s",
-        "facts published per second while the state grows (one client, window "
-        f"{raw.WINDOW})",
+        f"facts published per second while the state grows ({PUBLISHERS} clients, "
+        f"window {raw.WINDOW} each)",
     )
 
 
