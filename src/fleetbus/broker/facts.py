@@ -607,9 +607,12 @@ class StoredFacts:
             )
             args.extend([self.repo, *clause[1]])
         cursor = self.store.rows(self.repo, " AND ".join(where), args, "seq")
-        for row in cursor.fetchall():
-            if _concerns(row[8], scopes):
-                yield _fact(row)
+        try:
+            for row in cursor:
+                if _concerns(row[8], scopes):
+                    yield _fact(row)
+        finally:
+            cursor.close()
 
 
 def _filters(query: FactQuery) -> tuple[list[str], list[Any]]:
