@@ -151,6 +151,34 @@ def _first_heartbeat(raw: Raw) -> tuple[dict[str, Any], int]:
         sub.close(linger=0)
 
 
+def test_compact_and_plain_snapshots_hold_the_same_rows(raw: Raw) -> None:
+    """A snapshot asked ``compact`` carries the same claims as the plain one."""
+    from fleetbus.claims import ClaimView
+
+    assert raw.ask("hello", repo="snap", sid="a")["ok"]
+    assert raw.ask("hello", repo="snap", sid="b")["ok"]
+    assert raw.ask("claim", sid="a", scopes=["src/x.py", "src/y.py"])["ok"]
+    assert raw.ask("claim", sid="b", scopes=["docs/**"], mode="shared")["ok"]
+    empty = raw.ask("snapshot", repo="nowhere", compact=True)
+    plain = raw.ask("snapshot", repo="snap")
+    compact = raw.ask("snapshot", repo="snap", compact=True)
+    again = raw.ask("snapshot", repo="snap", compact=True)
+
+    assert empty["claim_groups"] == []
+    assert "claims" not in empty
+    assert "claim_groups" not in plain
+    assert "claims" not in compact
+    assert compact == {**again, "rid": compact["rid"]}
+    views = []
+    for reply in (plain, compact):
+        view = ClaimView()
+        view.load(reply)
+        views.append(sorted((c.id, c.sid, c.scope.text, c.mode) for c in view.claims()))
+    assert views[0] == views[1]
+    assert {row[2] for row in views[0]} == {"src/x.py", "src/y.py", "docs/"}
+    assert compact["head"] == plain["head"] == compact["seq"]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_the_broker_cleanly(
     broker_factory: Callable[..., BrokerProcess], sig: signal.Signals

@@ -674,7 +674,12 @@ class Broker:
         self.metrics.snapshots += 1
         table = self.tables.get(repo)
         sequence = self.sequences.get(repo) or Sequence()
-        state = table.snapshot() if table is not None else _empty_snapshot()
+        compact = message.get("compact") is True
+        state = (
+            table.snapshot(compact=compact)
+            if table is not None
+            else _empty_snapshot(compact)
+        )
         self._reply(
             ident,
             rid,
@@ -961,8 +966,9 @@ def _by_topic(events: list[tuple[bytes, dict[str, Any]]]) -> list[list[bytes]]:
     return messages
 
 
-def _empty_snapshot() -> dict[str, Any]:
-    return {"sessions": [], "claims": [], "waiters": []}
+def _empty_snapshot(compact: bool) -> dict[str, Any]:
+    rows = "claim_groups" if compact else "claims"
+    return {"sessions": [], rows: [], "waiters": []}
 
 
 def _text(
