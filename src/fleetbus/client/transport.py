@@ -84,6 +84,7 @@ class ZmqTransport:
         self._topics: list[bytes] = []
         try:
             self._control = self._socket(zmq.DEALER)
+            self._control.setsockopt(zmq.SNDHWM, _SEND_QUEUE)
             self._control.connect(url)
             self._events = self._socket(zmq.SUB)
         except zmq.ZMQError as exc:
@@ -146,6 +147,9 @@ class ZmqTransport:
                 sock.close(linger=0)
 
 
+# Requests queued before sends are dropped: one DEALER carries the requests
+# of every session of a process, so a burst of them must fit.
+_SEND_QUEUE = 100_000
 # One drain never takes more than this many messages, so that a flood on one
 # socket cannot starve the other tasks of the event loop.
 _DRAIN_LIMIT = 4096
