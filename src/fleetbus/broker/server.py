@@ -50,6 +50,9 @@ from fleetbus.sequence import CLAIMS_STREAM, Sequence
 Handler = Callable[[bytes, str, dict[str, Any]], None]
 
 MAX_NAME_LEN = 128
+# Commits between checkpoints while busy (an idle broker checkpoints at once):
+# a batch writes a few pages, so the log stays near SQLite's own bound.
+CHECKPOINT_COMMITS = 200
 MAX_REPO_LEN = 512
 FAILPOINTS_ENV = "FLEETBUS_FAILPOINTS"
 TEST_HOOKS_ENV = "FLEETBUS_TEST_HOOKS"
@@ -271,6 +274,8 @@ class Broker:
             while not self._stopping:
                 timeout_ms = self._poll_timeout(next_heartbeat)
                 ready = dict(poller.poll(timeout_ms))
+                if not ready and self.store is not None and self.store.commits:
+                    self._checkpoint()
                 if wake_r.fileno() in ready:
                     _drain_fd(wake_r)
                 self.turn(drain=self.router in ready)
@@ -319,6 +324,16 @@ class Broker:
         self._tick()
         self._flush()
         self.metrics.replied()
+        if self.store is not None and self.store.commits >= CHECKPOINT_COMMITS:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Copy the store's log back now that this turn's replies are out."""
+        assert self.store is not None
+        try:
+            self.store.checkpoint()
+        except Exception as exc:
+            self.log.error("store.checkpoint_failed", error=str(exc))
 
     def _tick(self) -> None:
         now = self._now()
