@@ -843,9 +843,19 @@ class FactStreamTracker:
         return prefix in self._subscriptions
 
     def base(self, topic: bytes) -> int | None:
-        """The seq of the earliest retained set covering ``topic``, if any."""
-        bases = [at for p, at in self._subscriptions.items() if topic.startswith(p)]
-        return min(bases, default=None)
+        """The seq of the earliest retained set covering ``topic``, if any.
+
+        Subscription prefixes are whole topics or end with a separator (see
+        :func:`subscription_topics`), so only those prefixes of ``topic`` are
+        looked up.
+        """
+        subscriptions = self._subscriptions
+        bases = [subscriptions.get(topic)]
+        at = topic.find(wire.SEP)
+        while at >= 0:
+            bases.append(subscriptions.get(topic[: at + 1]))
+            at = topic.find(wire.SEP, at + 1)
+        return min((base for base in bases if base is not None), default=None)
 
     def applied(self, seq: int) -> None:
         """Note that the event numbered ``seq`` was applied (from a query)."""
@@ -907,14 +917,21 @@ class FactFeed:
     def __init__(self, repo: str, memory: int = 65_536) -> None:
         self.repo = repo
         self.scopes: list[Scope] = []
+        # The followed scopes by literal prefix: a fact's topics are checked
+        # against those that may overlap them, not against every one.
+        self._index: ScopeIndex[Scope] = ScopeIndex()
+        self._held: set[Scope] = set()
         self.tracker = FactStreamTracker(memory)
         self._known: OrderedDict[str, State] = OrderedDict()
         self._memory = memory
 
     def follow(self, scopes: Iterable[Scope]) -> tuple[list[Scope], list[bytes]]:
         """Add scopes; returns those that are new and the SUB prefixes they need."""
-        added = [scope for scope in dict.fromkeys(scopes) if scope not in self.scopes]
+        added = [scope for scope in dict.fromkeys(scopes) if scope not in self._held]
         self.scopes.extend(added)
+        for scope in added:
+            self._held.add(scope)
+            self._index.add(scope, scope)
         prefixes: list[bytes] = []
         for scope in added:
             for prefix in subscription_topics(self.repo, scope):
@@ -924,7 +941,10 @@ class FactFeed:
 
     def wants(self, fact: Fact) -> bool:
         """Whether ``fact`` concerns one of the followed scopes."""
-        return any(fact.concerns(scope) for scope in self.scopes)
+        index = self._index
+        return any(
+            next(index.overlapping(topic), None) is not None for topic in fact.topics
+        )
 
     def retained(self, facts: Iterable[Fact]) -> list[FactEvent]:
         """Take facts from a query: retained ones, or changes caught up on."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -504,3 +505,52 @@ def test_feed_filters_facts_that_do_not_overlap() -> None:
 
     assert told == []
     assert missed is None
+
+
+_FEED_SCOPES = [
+    "src/",
+    "src/a.py",
+    "src/*.py",
+    "src/b/**",
+    "docs/x.md",
+    "@build",
+    "*.md",
+]
+_FEED_TOPICS = [*_FEED_SCOPES, "src/b/c/d.py", "src/c.txt", "lib/x.py", "@other", "**"]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_feed_wants_exactly_what_overlaps_a_followed_scope(seed: int) -> None:
+    """The feed's index of followed scopes answers as a scan of them would."""
+    rng = random.Random(seed)
+    feed = FactFeed(REPO)
+    followed = scopes(*rng.sample(_FEED_SCOPES, rng.randint(1, 4)))
+    feed.follow(followed)
+
+    for text in _FEED_TOPICS:
+        fact = Fact("f1", 1, tuple(scopes(text)), "x", "note", "s", "n", 1.0)
+        expected = any(overlaps(fact.topics[0], scope) for scope in followed)
+        assert feed.wants(fact) == expected, text
+
+
+def test_tracker_base_is_the_earliest_subscription_covering_a_topic() -> None:
+    """Exact and subtree prefixes, nested: the earliest retained set whose
+    prefix starts the topic counts."""
+    tracker = FactStreamTracker()
+    subscribed: dict[bytes, int] = {}
+    for text, at in (("src/a/b.py", 7), ("src/", 3), ("@build", 9)):
+        prefixes = subscription_topics(REPO, parse_scope(text))
+        tracker.subscribed(prefixes, at)
+        for prefix in prefixes:
+            subscribed.setdefault(prefix, at)
+    topics = [
+        wire.facts_topic(REPO, prefix)
+        for prefix in [(), ("src",), ("src", "a"), ("src", "a", "b.py"), ("docs",)]
+    ]
+    topics.append(wire.facts_topic("git:other", ("src",)))
+
+    for topic in topics:
+        bases = [at for prefix, at in subscribed.items() if topic.startswith(prefix)]
+        assert tracker.base(topic) == min(bases, default=None), topic
+    assert tracker.base(topics[1]) == 3
+    assert tracker.base(topics[-1]) is None
