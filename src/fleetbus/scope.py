@@ -124,7 +124,6 @@ class Scope(_ScopeFields):
         is_literal: bool,
     ) -> Scope:
         pattern = not (is_resource or is_literal)
-        stepwise = pattern and not _regex_is_safe(segments)
         return _build(
             text,
             is_resource,
@@ -132,15 +131,22 @@ class Scope(_ScopeFields):
             literal_prefix,
             is_literal,
             text if is_resource else "/".join(segments),
-            _compile(segments) if pattern and not stepwise else None,
-            stepwise,
+            pattern and not _regex_is_safe(segments),
         )
 
     if not TYPE_CHECKING:
         # Hidden from type checkers, which would otherwise accept any name.
 
-        def __getattr__(self, name: str) -> tuple[str, ...]:
-            # Only a literal from literal_scope lacks these, until first asked.
+        def __getattr__(self, name: str) -> object:
+            # Fields worked out on first use: a pattern's regex, which takes
+            # far longer to compile than to parse the pattern, and the
+            # segments of a literal from literal_scope.
+            if name == "_regex":
+                regex = None
+                if not (self.is_resource or self.is_literal or self._stepwise):
+                    regex = _compile(self.segments)
+                _force_set(self, "_regex", regex)
+                return regex
             if name not in ("segments", "literal_prefix"):
                 raise AttributeError(name)
             segments = tuple(self.text.split("/"))
@@ -227,7 +233,6 @@ def _build(
     literal_prefix: tuple[str, ...],
     is_literal: bool,
     exact: str,
-    regex: re.Pattern[str] | None,
     stepwise: bool,
 ) -> Scope:
     fields = _ScopeFields()
@@ -237,7 +242,6 @@ def _build(
     fields.literal_prefix = literal_prefix
     fields.is_literal = is_literal
     fields._exact = exact
-    fields._regex = regex
     fields._stepwise = stepwise
     _force_set(fields, "__class__", Scope)
     return cast(Scope, fields)

@@ -156,3 +156,15 @@ def test_the_index_equals_a_list_through_adds_and_discards(
     split += [(parse_scope(path), i) for i in index.literal_items(path)]
     if path[:1] != "@":
         assert bag(split) == bag(index.matching(path))
+
+
+def test_a_pattern_compiles_its_regex_on_first_match_only() -> None:
+    """Parsing a glob compiles nothing; the first match compiles it, once."""
+    scope_module._compile.cache_clear()
+    scope = parse_scope("lazy/regex/*.py")
+
+    assert scope_module._compile.cache_info().currsize == 0
+    assert scope.matches("lazy/regex/a.py")
+    assert not scope.matches("lazy/regex/a.pyc")
+    assert scope_module._compile.cache_info().currsize == 1
+    assert scope.overlaps(parse_scope("lazy/**/a.py"))
