@@ -339,6 +339,10 @@ class FactRows(Protocol):
         """The number of retained facts, live or ended."""
         ...
 
+    def over(self, most: int) -> int:
+        """How many more than ``most`` facts are retained (0 if not more)."""
+        ...
+
     def get(self, fact_id: str) -> Fact | None:
         """The retained fact ``fact_id``, live or not."""
         ...
@@ -400,6 +404,9 @@ class MemoryFactRows:
 
     def __len__(self) -> int:
         return len(self._facts)
+
+    def over(self, most: int) -> int:
+        return max(0, len(self._facts) - most)
 
     def __iter__(self) -> Iterator[Fact]:
         return iter(list(self._facts.values()))
@@ -774,9 +781,9 @@ class FactTable:
 
     def _retain_count(self, out: FactOutcome) -> None:
         most = self.limits.max_facts
-        if most is None or len(self.rows) <= most:
-            return
-        self._drop(self.rows.oldest(len(self.rows) - most), "count", out)
+        excess = 0 if most is None else self.rows.over(most)
+        if excess:
+            self._drop(self.rows.oldest(excess), "count", out)
 
     def _drop(self, facts: list[Fact], limit: str, out: FactOutcome) -> None:
         """Forget facts for retention: one event per distinct set of topics."""

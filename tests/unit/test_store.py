@@ -320,3 +320,30 @@ def test_a_publish_reply_outlives_its_fact_within_the_retry_window(
     assert [facts.reply("s1", rid, 0.0) for rid in ("r1", "r2")] == replies
     assert facts.reply("s1", "r1", 200.0) is None
     assert table.get("f1") is None
+
+
+def test_retention_by_count_after_reopening_counts_what_is_stored(
+    tmp_path: Path,
+) -> None:
+    """A reopened table knows only a bound on its count until retention needs
+    the count: then it drops exactly the excess."""
+    store = Store(tmp_path / "db.sqlite")
+    _, table = _stored(store)
+    for n in range(5):
+        _publish(table, f"fact {n}", topic=f"src/{n}.py")
+    store.commit()
+    facts = FactStore(store)
+    reopened = FactTable(
+        "git:r",
+        Sequence(table.sequence.seq + 10),
+        FactLimits(max_facts=3),
+        rows=StoredFacts(facts, "git:r"),
+        heads=StoredHeads(facts, "git:r"),
+    )
+
+    out = reopened.publish("s1", "S1", [parse_scope("src/x.py")], "new", now=1.0)
+    store.commit()
+
+    assert out.dropped == ["f1", "f2", "f3"]
+    assert len(reopened) == 3
+    assert [f.body for f in reopened.query()[0]] == ["fact 3", "fact 4", "new"]

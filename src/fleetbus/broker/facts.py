@@ -329,6 +329,18 @@ class FactStore:
         row = self.db.execute("SELECT count(*) FROM facts WHERE repo = ?", (repo,))
         return int(row.fetchone()[0])
 
+    def span(self, repo: str) -> int:
+        """How many numbers lie from the first stored fact of ``repo`` to the
+        last: at least how many facts it retains."""
+        self.settle()
+        first = self.db.execute(
+            "SELECT seq FROM facts WHERE repo = ? ORDER BY seq LIMIT 1", (repo,)
+        ).fetchone()
+        last = self.db.execute(
+            "SELECT seq FROM facts WHERE repo = ? ORDER BY seq DESC LIMIT 1", (repo,)
+        ).fetchone()
+        return 0 if first is None else int(last[0]) - int(first[0]) + 1
+
     def holds(self, repo: str) -> bool:
         """Whether ``repo`` has a stored fact."""
         self.settle()
@@ -504,13 +516,24 @@ class StoredFacts:
     def __init__(self, store: FactStore, repo: str) -> None:
         self.store = store
         self.repo = repo
-        self._count = store.count(repo)
+        # Counting a large table takes a while, so a restart only bounds the
+        # count by the span of numbers; it is counted when the bound is over
+        # the retention limit, then kept.
+        self._count: int | None = None
+        self._bound = store.span(repo)
         self._floor = 0
         self._first_at: float | None = None
         self._first_known = False
 
     def __len__(self) -> int:
+        if self._count is None:
+            self._count = self._bound = self.store.count(self.repo)
         return self._count
+
+    def over(self, most: int) -> int:
+        if self._count is None and self._bound <= most:
+            return 0
+        return max(0, len(self) - most)
 
     def get(self, fact_id: str) -> Fact | None:
         seq = _seq_of(fact_id)
@@ -520,9 +543,11 @@ class StoredFacts:
 
     def add(self, fact: Fact) -> orjson.Fragment:
         data = self.store.add(self.repo, fact)
-        if not self._count:
+        if not self._bound:
             self._first_at, self._first_known = fact.at, True
-        self._count += 1
+        self._bound += 1
+        if self._count is not None:
+            self._count += 1
         return data
 
     def ended(self, facts: list[Fact]) -> None:
@@ -530,7 +555,9 @@ class StoredFacts:
 
     def remove(self, facts: list[Fact]) -> None:
         self.store.remove(self.repo, facts)
-        self._count -= len(facts)
+        self._bound -= len(facts)
+        if self._count is not None:
+            self._count -= len(facts)
         self._floor = max([self._floor, *(fact.seq for fact in facts)])
         self._first_known = False
 
@@ -539,7 +566,7 @@ class StoredFacts:
         if count <= 0:
             return out
         # Facts not yet written are the newest: the oldest are in the store.
-        if count > self._count - self.store.unwritten():
+        if count > len(self) - self.store.unwritten():
             self.store.settle()
         rows = self.store.db.execute(
             f"SELECT {_COLUMNS} FROM facts WHERE repo = ? AND seq > ? "
@@ -554,15 +581,22 @@ class StoredFacts:
 
     def first_at(self) -> float | None:
         if not self._first_known:
-            if self._count <= self.store.unwritten():
+            row = self._first()
+            if row is None and self.store.unwritten():
                 self.store.settle()
-            row = self.store.db.execute(
-                "SELECT at FROM facts WHERE repo = ? AND seq > ? ORDER BY seq LIMIT 1",
-                (self.repo, self._floor),
-            ).fetchone()
+                row = self._first()
             self._first_at = None if row is None else float(row[0])
             self._first_known = True
         return self._first_at
+
+    def _first(self) -> tuple[float] | None:
+        # Facts not yet written are the newest: if any is in the store, the
+        # oldest is.
+        row: tuple[float] | None = self.store.db.execute(
+            "SELECT at FROM facts WHERE repo = ? AND seq > ? ORDER BY seq LIMIT 1",
+            (self.repo, self._floor),
+        ).fetchone()
+        return row
 
     def expiring(self) -> Iterable[tuple[float, str]]:
         self.store.settle()
