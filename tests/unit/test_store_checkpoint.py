@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import orjson
+import pytest
 import zmq
 
 from fleetbus.broker import server
@@ -44,7 +46,36 @@ def test_commits_leave_the_log_alone_until_a_checkpoint(tmp_path: Path) -> None:
         store.close()
 
 
-def test_a_busy_broker_checkpoints_after_replying(short_tmp: Path) -> None:
+def test_a_thread_copies_the_log_back_beside_the_writer(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    store = Store(path)
+    try:
+        for n in range(200):
+            store.begin()
+            store.db.execute(
+                "INSERT OR REPLACE INTO meta VALUES (?, ?)", (f"k{n}", "x" * 2000)
+            )
+            store.commit()
+        unchecked = path.stat().st_size
+        store.checkpoint_in_background(0.01)
+        deadline = time.monotonic() + 30
+        while path.stat().st_size < unchecked + 50 * PAGE:
+            assert time.monotonic() < deadline, "the log was never copied back"
+            time.sleep(0.01)
+        assert store.commits == 200, "the loop's own count is left alone"
+    finally:
+        store.close()
+    reopened = Store(path)
+    try:
+        assert reopened.db.execute("SELECT count(*) FROM meta").fetchone()[0] >= 200
+    finally:
+        reopened.close()
+
+
+def test_a_busy_broker_checkpoints_after_replying(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server, "CHECKPOINT_COMMITS", 5)
     config = BrokerConfig(url=f"ipc://{short_tmp}/b.sock", data_dir=short_tmp / "d")
     broker = Broker(config)
     broker.start()

@@ -50,9 +50,11 @@ from fleetbus.sequence import CLAIMS_STREAM, Sequence
 Handler = Callable[[bytes, str, dict[str, Any]], None]
 
 MAX_NAME_LEN = 128
-# Commits between checkpoints while busy (an idle broker checkpoints at once):
-# a batch writes a few pages, so the log stays near SQLite's own bound.
-CHECKPOINT_COMMITS = 200
+# The store's log is copied back by a thread every CHECKPOINT_INTERVAL_S, and
+# by the loop itself when idle or after CHECKPOINT_COMMITS commits, which
+# bounds the log (a commit writes a few pages) when the thread cannot catch up.
+CHECKPOINT_INTERVAL_S = 0.2
+CHECKPOINT_COMMITS = 1000
 MAX_REPO_LEN = 512
 FAILPOINTS_ENV = "FLEETBUS_FAILPOINTS"
 TEST_HOOKS_ENV = "FLEETBUS_TEST_HOOKS"
@@ -133,6 +135,7 @@ class Broker:
         self.config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.store = Store(self.config.db_path, synchronous=self.config.synchronous)
         self.epoch = self.store.bump_epoch()
+        self.store.checkpoint_in_background(CHECKPOINT_INTERVAL_S)
         self._restore()
         self._bind()
         self._serve_metrics()

@@ -8,8 +8,10 @@ store cannot disagree with what was published.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +79,37 @@ FACTS_STREAMS = "facts:"
 by the fact tables when needed, not loaded with the repository."""
 
 
+class _Checkpointer:
+    """A thread with its own connection that checkpoints the log passively."""
+
+    def __init__(self, path: Path, interval_s: float) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(path, interval_s),
+            name="fleetbus-checkpoint",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def _run(self, path: Path, interval_s: float) -> None:
+        try:
+            db = sqlite3.connect(str(path), isolation_level=None)
+        except sqlite3.Error:
+            return
+        try:
+            while not self._stop.wait(interval_s):
+                # A failed copy is retried on the next tick or by the loop.
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 class StoreError(FleetbusError):
     """The store could not be opened, read or written."""
 
@@ -108,8 +141,9 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(f"PRAGMA synchronous={synchronous}")
             self.db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
-            # The broker checkpoints between turns (see checkpoint), so that
-            # copying the log back never delays a commit that replies wait on.
+            # No checkpoint inside a commit that replies wait on: the log is
+            # copied back by a thread of its own and between turns (see
+            # checkpoint_in_background and checkpoint).
             self.db.execute("PRAGMA wal_autocheckpoint=0")
             self.db.executescript(_SCHEMA)
             self.db.executescript(FACT_REPLIES)
@@ -119,6 +153,7 @@ class Store:
         self._in_tx = False
         self.commits = 0
         """Commits since the last checkpoint."""
+        self._checkpointer: _Checkpointer | None = None
         self._deferred: dict[str, list[tuple[Any, ...]]] = {}
         self._puts: dict[str, dict[Any, tuple[Any, ...]]] = {}
         self.flushes = 0
@@ -170,8 +205,22 @@ class Store:
         self.db.execute("COMMIT")
 
     def close(self) -> None:
-        """Close the database."""
+        """Close the database (and stop the checkpoint thread, if any)."""
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         self.db.close()
+
+    def checkpoint_in_background(self, interval_s: float) -> None:
+        """Copy the log back every ``interval_s`` on a thread of its own.
+
+        SQLite works without the interpreter lock, so the copy and its
+        ``fsync`` run beside the loop. Under a steady stream of commits such a
+        checkpoint never catches up with the writer, so the loop still calls
+        :meth:`checkpoint` now and then, which then has little left to copy.
+        """
+        if self._checkpointer is None:
+            self._checkpointer = _Checkpointer(self.path, interval_s)
 
     def bump_epoch(self) -> int:
         """Start a new broker epoch and return it (committed)."""
