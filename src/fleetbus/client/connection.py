@@ -38,6 +38,9 @@ def _log() -> Any:
 # socket is rare and cheap to repeat) and back off to once a second.
 _FIRST_RETRY_S = 0.2
 _MAX_RETRY_S = 1.0
+# How often unanswered requests are looked at: one timer for all of them is
+# cheaper than one per request, at the price of this much lateness.
+_TICK_S = 0.05
 _REPAIR_BACKOFF_S = 0.2
 # Events buffered while a snapshot is on its way; beyond this the replica will
 # start over anyway, so older ones are dropped.
@@ -62,7 +65,7 @@ class Pending:
         "owner",
         "patience",
         "queued",
-        "timer",
+        "retry",
     )
 
     def __init__(
@@ -79,7 +82,7 @@ class Pending:
         self.patience = 0.0
         self.limit = 0.0
         self.delay = 0.0
-        self.timer: asyncio.TimerHandle | None = None
+        self.retry = 0.0
 
 
 class Connection:
@@ -95,8 +98,9 @@ class Connection:
         self.replicas: dict[str, Replica] = {}
         self._by_topic: dict[bytes, Replica] = {}
         self._by_repo: dict[bytes, Replica] = {}
-        self._replies: asyncio.Task[None] | None = None
+        self._replies = self.loop.create_task(self._read_replies())
         self._events: asyncio.Task[None] | None = None
+        self._ticker: asyncio.TimerHandle | None = None
         self.closed = False
 
     def __repr__(self) -> str:
@@ -109,10 +113,8 @@ class Connection:
     # -- sessions -------------------------------------------------------------
 
     def attach(self, session: AsyncSession) -> None:
-        """Count ``session`` among the users; start reading replies."""
+        """Count ``session`` among the users of the connection."""
         self.sessions.add(session)
-        if self._replies is None:
-            self._replies = self.loop.create_task(self._read_replies())
 
     def detach(self, session: AsyncSession) -> None:
         """Forget ``session``; the last one out closes the sockets."""
@@ -150,6 +152,8 @@ class Connection:
             return
         self.closed = True
         _forget(self)
+        if self._ticker is not None:
+            self._ticker.cancel()
         if not self.loop.is_closed():
             for task in (self._replies, self._events):
                 if task is not None:
@@ -185,37 +189,39 @@ class Connection:
         pending.limit = limit
         pending.deadline = now + limit
         pending.patience = (patience or 0.0) + limit
-        pending.delay = delay = min(_FIRST_RETRY_S, limit)
-        pending.timer = loop.call_at(now + delay, self._on_timer, pending)
+        pending.delay = min(_FIRST_RETRY_S, limit)
+        pending.retry = now + pending.delay
         self.pending[rid] = pending
+        if self._ticker is None:
+            self._ticker = loop.call_later(_TICK_S, self._tick)
         try:
             self.transport.send(message)
             return await pending.future
         finally:
-            pending.timer.cancel()
             if self.pending.get(rid) is pending:
                 del self.pending[rid]
 
-    def _on_timer(self, pending: Pending) -> None:
-        """Re-send an unanswered request, or fail it once its time is up."""
-        future = pending.future
-        if future.done():
-            return
+    def _tick(self) -> None:
+        """Re-send unanswered requests, and fail those whose time is up."""
+        self._ticker = None
         now = self.loop.time()
+        for pending in list(self.pending.values()):
+            if not pending.future.done():
+                self._check(pending, now)
+        if self.pending and not self.closed:
+            self._ticker = self.loop.call_later(_TICK_S, self._tick)
+
+    def _check(self, pending: Pending, now: float) -> None:
         if now >= pending.deadline:
-            future.set_exception(self._no_answer(pending))
-            return
-        if pending.queued:
-            pending.timer = self.loop.call_at(pending.deadline, self._on_timer, pending)
-            return
-        try:
-            self.transport.send(pending.message)
-        except BrokerUnavailable as exc:
-            future.set_exception(exc)
-            return
-        pending.delay = min(pending.delay * 2, _MAX_RETRY_S)
-        step = min(now + pending.delay, pending.deadline)
-        pending.timer = self.loop.call_at(step, self._on_timer, pending)
+            pending.future.set_exception(self._no_answer(pending))
+        elif not pending.queued and now >= pending.retry:
+            try:
+                self.transport.send(pending.message)
+            except BrokerUnavailable as exc:
+                pending.future.set_exception(exc)
+                return
+            pending.delay = min(pending.delay * 2, _MAX_RETRY_S)
+            pending.retry = now + pending.delay
 
     def _no_answer(self, pending: Pending) -> FleetbusError:
         op = pending.message["op"]

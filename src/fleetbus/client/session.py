@@ -574,12 +574,21 @@ class AsyncSession(FactsMixin):
         timeout: float | None = None,
     ) -> dict[str, Any]:
         """:meth:`_request` for a message already built."""
+        if self._closed:
+            raise SessionClosed("the session is closed")
         generation = self._generation
-        try:
-            return await self._exchange(message, patience, timeout)
-        except UnknownSession:
-            if message["op"] in ("hello", "leave") or self._closed or not self.joins:
-                raise
+        limit = self.timeout if timeout is None else timeout
+        reply = await self._connection.exchange(message, self, limit, patience)
+        if reply.get("ok"):
+            return reply
+        error = error_from_wire(reply.get("error") or {})
+        if (
+            not isinstance(error, UnknownSession)
+            or message["op"] in ("hello", "leave")
+            or self._closed
+            or not self.joins
+        ):
+            raise error
         await self._lost(generation)
         return await self._exchange(message, patience, timeout)
 
