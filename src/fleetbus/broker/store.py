@@ -49,16 +49,40 @@ CREATE TABLE IF NOT EXISTS claims (
     repo TEXT NOT NULL,
     sid TEXT NOT NULL,
     body BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS claims_repo ON claims (repo);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS requests (
     sid TEXT NOT NULL,
     rid TEXT NOT NULL,
     at REAL NOT NULL,
     reply BLOB NOT NULL,
     PRIMARY KEY (sid, rid)
-);
+) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS requests_at ON requests (at);
+"""
+
+# Schema 2 kept claims and remembered replies in rowid tables with one more
+# index each: every commit wrote a page of each tree. Rebuilt in place.
+_SLIM_TABLES = """
+CREATE TABLE claims_3 (
+    id TEXT PRIMARY KEY,
+    repo TEXT NOT NULL,
+    sid TEXT NOT NULL,
+    body BLOB NOT NULL
+) WITHOUT ROWID;
+INSERT INTO claims_3 SELECT id, repo, sid, body FROM claims;
+DROP TABLE claims;
+ALTER TABLE claims_3 RENAME TO claims;
+CREATE TABLE requests_3 (
+    sid TEXT NOT NULL,
+    rid TEXT NOT NULL,
+    at REAL NOT NULL,
+    reply BLOB NOT NULL,
+    PRIMARY KEY (sid, rid)
+) WITHOUT ROWID;
+INSERT INTO requests_3 SELECT sid, rid, at, reply FROM requests;
+DROP TABLE requests;
+ALTER TABLE requests_3 RENAME TO requests;
+CREATE INDEX requests_at ON requests (at);
 """
 
 FACT_REPLIES = """CREATE TABLE IF NOT EXISTS fact_replies (
@@ -156,6 +180,8 @@ class Store:
         self._checkpointer: _Checkpointer | None = None
         self._deferred: dict[str, list[tuple[Any, ...]]] = {}
         self._puts: dict[str, dict[Any, tuple[Any, ...]]] = {}
+        # Claim rows changed this batch, by id: (repo, sid, body), None if gone.
+        self._claims: dict[str, tuple[str, str, bytes] | None] = {}
         self.flushes = 0
         """How many times deferred rows were written or dropped."""
 
@@ -173,12 +199,14 @@ class Store:
             )
             return
         version = int(row[0])
-        if version == 1:
-            self._migrate_heads()
-        elif version not in (2, SCHEMA_VERSION):
+        if version not in (1, 2, SCHEMA_VERSION):
             raise StoreError(
                 f"store {self.path} has schema {row[0]}, expected {SCHEMA_VERSION}"
             )
+        if version == 1:
+            self._migrate_heads()
+        if version in (1, 2):
+            self._slim_tables()
         self.db.execute(
             "UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),)
         )
@@ -199,6 +227,18 @@ class Store:
                 )
             self.db.execute("ALTER TABLE repos DROP COLUMN heads")
             self.db.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def _slim_tables(self) -> None:
+        """Schema 2's claims and requests tables, rebuilt without rowids."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _SLIM_TABLES.split(";"):
+                if statement.strip():
+                    self.db.execute(statement)
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
@@ -295,11 +335,11 @@ class Store:
     @property
     def deferred(self) -> bool:
         """Whether rows are waiting to be written."""
-        return bool(self._deferred or self._puts)
+        return bool(self._deferred or self._puts or self._claims)
 
     def flush(self) -> None:
         """Write the deferred rows now, inside the batch's transaction."""
-        if not (self._deferred or self._puts):
+        if not (self._deferred or self._puts or self._claims):
             return
         deferred, self._deferred = self._deferred, {}
         puts, self._puts = self._puts, {}
@@ -308,6 +348,18 @@ class Store:
             self.db.executemany(sql, rows)
         for sql, keyed in puts.items():
             self.db.executemany(sql, keyed.values())
+        self._flush_claims()
+
+    def _flush_claims(self) -> None:
+        claims, self._claims = self._claims, {}
+        kept = [(cid, *row) for cid, row in claims.items() if row is not None]
+        gone = [(cid,) for cid, row in claims.items() if row is None]
+        if kept:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?)", kept
+            )
+        if gone:
+            self.db.executemany("DELETE FROM claims WHERE id = ?", gone)
 
     def commit(self) -> None:
         """Commit the batch; nothing is acknowledged before this returns."""
@@ -331,6 +383,7 @@ class Store:
         """Drop the batch's writes."""
         self._deferred.clear()
         self._puts.clear()
+        self._claims.clear()
         self.flushes += 1
         if self._in_tx:
             self._in_tx = False
@@ -357,7 +410,13 @@ class Store:
         self.db.execute("DELETE FROM fact_replies WHERE at < ?", (before,))
 
     def apply_claim_events(self, repo: str, events: Iterable[dict[str, Any]]) -> None:
-        """Write the effect of claims-stream events."""
+        """Write the effect of claims-stream events.
+
+        Claim rows are written with the batch's other deferred rows, the last
+        change of each row winning; sessions at once.
+        """
+        self.begin()
+        claims = self._claims
         for event in events:
             kind = event["type"]
             if kind == "session.joined":
@@ -369,30 +428,28 @@ class Store:
             elif kind in ("session.left", "session.lost"):
                 self.db.execute("DELETE FROM sessions WHERE sid = ?", (event["sid"],))
             elif kind == "claim.granted":
-                self.db.executemany(
-                    "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?)",
-                    [
-                        (row["id"], repo, row["sid"], orjson.dumps(row))
-                        for row in event["claims"]
-                    ],
-                )
+                for row in event["claims"]:
+                    claims[row["id"]] = (repo, row["sid"], orjson.dumps(row))
             elif kind == "claim.released":
-                self.db.executemany(
-                    "DELETE FROM claims WHERE id = ?", [(i,) for i in event["ids"]]
-                )
+                for claim_id in event["ids"]:
+                    claims[claim_id] = None
             elif kind == "claim.renewed":
-                self._renew(event)
+                self._renew(repo, event)
 
-    def _renew(self, event: dict[str, Any]) -> None:
+    def _renew(self, repo: str, event: dict[str, Any]) -> None:
         for claim_id in event["ids"]:
-            row = self.db.execute(
-                "SELECT body FROM claims WHERE id = ?", (claim_id,)
-            ).fetchone()
-            if row is None:
-                continue
-            body = orjson.loads(row[0])
+            if claim_id in self._claims:
+                pending = self._claims[claim_id]
+                if pending is None:
+                    continue
+                sid, stored = pending[1], pending[2]
+            else:
+                row = self.db.execute(
+                    "SELECT sid, body FROM claims WHERE id = ?", (claim_id,)
+                ).fetchone()
+                if row is None:
+                    continue
+                sid, stored = row
+            body = orjson.loads(stored)
             body["expires"] = event["expires"]
-            self.db.execute(
-                "UPDATE claims SET body = ? WHERE id = ?",
-                (orjson.dumps(body), claim_id),
-            )
+            self._claims[claim_id] = (repo, sid, orjson.dumps(body))
