@@ -11,7 +11,7 @@ import pytest
 
 from fleetbus.client import AsyncSession, connect
 from fleetbus.client.connection import open_connections
-from fleetbus.errors import Conflict
+from fleetbus.errors import BadInput, Conflict
 from fleetbus.repo import RepoInfo
 from fleetbus.security import CLIENT_KEY_ENV
 from tests.support.brokerproc import BrokerProcess
@@ -324,3 +324,24 @@ async def test_a_replica_goes_with_its_last_session_and_comes_back_fed(
     assert a._connection is connection
     assert a._shared is not gone._shared
     assert [row.grant for row in b.holders("src/a.py")] == [grant.id]
+
+
+async def test_a_session_refused_on_rejoin_does_not_hold_the_others_back(
+    join: Callable[..., Any], broker: BrokerProcess
+) -> None:
+    """After a restart, one session the broker will not take back leaves the
+    replica's repair to go on for the rest."""
+    refused, kept = await join("refused"), await join("kept")
+    stream = kept.events()
+
+    async def refuse() -> None:
+        raise BadInput("not taken back")
+
+    refused._join = refuse  # type: ignore[method-assign]
+    broker.restart()
+    await next_event(stream, lambda e: e["type"] == "resync")
+    grant = await kept.claim("src/a.py")
+    await kept.wait_synced()
+
+    assert kept.epoch > refused.epoch
+    assert [row.grant for row in kept.holders("src/a.py")] == [grant.id]

@@ -371,14 +371,10 @@ class Replica:
             *(session._rejoin_if_wanted() for session in sessions),
             return_exceptions=True,
         )
-        for outcome in rejoined:
-            if isinstance(outcome, BaseException) and not isinstance(
-                outcome, SessionClosed
-            ):
-                raise outcome
+        refused = _refused(sessions, rejoined)
         snapshot = await self._snapshot(sessions)
         epoch = snapshot.get("epoch")
-        stale = [s for s in self.sessions if s.epoch != epoch]
+        stale = [s for s in self.sessions if s.epoch != epoch and s not in refused]
         if stale:
             for session in stale:
                 session._rejoin = True
@@ -500,6 +496,26 @@ class Replica:
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+
+def _refused(
+    sessions: list[AsyncSession], outcomes: list[BaseException | None]
+) -> set[AsyncSession]:
+    """The sessions the broker would not take back, from their rejoins.
+
+    Such a session tries again at its next heartbeat; the others need not
+    wait for it. A broker that did not answer fails the whole repair.
+    """
+    refused: set[AsyncSession] = set()
+    for session, outcome in zip(sessions, outcomes, strict=True):
+        if outcome is None or isinstance(outcome, SessionClosed):
+            continue
+        transient = isinstance(outcome, BrokerUnavailable | TimedOut)
+        if transient or not isinstance(outcome, FleetbusError):
+            raise outcome
+        _log().warning("rejoin.failed", sid=session.sid, error=str(outcome))
+        refused.add(session)
+    return refused
 
 
 # -- the registry of connections ---------------------------------------------------
