@@ -210,29 +210,8 @@ class _Inbox:
             waiter.set_result(None)
 
     def _drain(self) -> list[Event]:
-        sock = self._sock
-        out: list[Event] = []
-        self._maybe = False
-        for _ in range(_DRAIN_LIMIT):
-            try:
-                # A reply is one frame; an event message is a topic and one
-                # frame per event.
-                if not self._topic:
-                    frame = sock.recv(_NOBLOCK)
-                else:
-                    frames = sock.recv_multipart(_NOBLOCK)
-            except zmq.Again:
-                return out
-            if not self._topic:
-                body = _decode(frame)
-                if body is not None:
-                    out.append((b"", body))
-                continue
-            for frame in frames[1:]:
-                event = _decode(frame)
-                if event is not None:
-                    out.append((frames[0], event))
-        self._maybe = True
+        out, full = _receive(self._sock, topic=self._topic)
+        self._maybe = full
         return out
 
     def close(self) -> None:
@@ -240,6 +219,36 @@ class _Inbox:
         loop, self._loop = self._loop, None
         if loop is not None and not loop.is_closed() and not self._sock.closed:
             loop.remove_reader(self._sock.FD)
+
+
+def _drain(sock: zmq.Socket[Any], *, topic: bool) -> list[Event]:
+    """Every message ready on ``sock``, up to a limit, decoded."""
+    return _receive(sock, topic=topic)[0]
+
+
+def _receive(sock: zmq.Socket[Any], *, topic: bool) -> tuple[list[Event], bool]:
+    """:func:`_drain`, and whether it stopped at its limit with more to come."""
+    out: list[Event] = []
+    for _ in range(_DRAIN_LIMIT):
+        try:
+            # A reply is one frame; an event message is a topic and one frame
+            # per event.
+            if not topic:
+                frame = sock.recv(_NOBLOCK)
+            else:
+                frames = sock.recv_multipart(_NOBLOCK)
+        except zmq.Again:
+            return out, False
+        if not topic:
+            body = _decode(frame)
+            if body is not None:
+                out.append((b"", body))
+            continue
+        for frame in frames[1:]:
+            event = _decode(frame)
+            if event is not None:
+                out.append((frames[0], event))
+    return out, True
 
 
 def _decode(frame: bytes) -> dict[str, Any] | None:
