@@ -154,15 +154,17 @@ class Connection:
         _forget(self)
         if self._ticker is not None:
             self._ticker.cancel()
+        for replica in list(self.replicas.values()):
+            replica.close()
         if not self.loop.is_closed():
+            # A loop already closed has nothing left waiting to be told.
             for task in (self._replies, self._events):
                 if task is not None:
                     task.cancel()
-        for replica in list(self.replicas.values()):
-            replica.close()
-        for pending in self.pending.values():
-            if not pending.future.done():
-                pending.future.set_exception(SessionClosed("the session was closed"))
+            for pending in self.pending.values():
+                if not pending.future.done():
+                    failure = SessionClosed("the session was closed")
+                    pending.future.set_exception(failure)
         self.transport.close()
 
     # -- requests -------------------------------------------------------------
