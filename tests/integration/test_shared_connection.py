@@ -345,3 +345,28 @@ async def test_a_session_refused_on_rejoin_does_not_hold_the_others_back(
 
     assert kept.epoch > refused.epoch
     assert [row.grant for row in kept.holders("src/a.py")] == [grant.id]
+
+
+def test_a_connection_left_by_an_ended_loop_is_closed_by_the_next(
+    broker: BrokerProcess, repo: RepoInfo
+) -> None:
+    """A session never closed leaves its connection behind; a later loop gets a
+    fresh one and the old sockets are closed."""
+
+    async def left_open() -> Any:
+        session = await AsyncSession.connect(broker.url, repo=repo, session_id="left")
+        return session._connection
+
+    async def later() -> Any:
+        session = await AsyncSession.connect(broker.url, repo=repo, session_id="new")
+        try:
+            await session.claim("src/a.py")
+            return session._connection
+        finally:
+            await session.close()
+
+    old = asyncio.run(left_open())
+    new = asyncio.run(later())
+
+    assert new is not old
+    assert old.closed
