@@ -129,20 +129,22 @@ def topic_key(scope: Scope) -> str:
     return "".join(name + "/" for name in scope.literal_prefix)
 
 
-def _scope_clause(scopes: list[Scope]) -> tuple[str, list[Any]] | None:
-    """SQL (and its arguments) on ``fact_topics.key`` for the topics that may
-    overlap one of ``scopes``; ``None`` if any topic may.
+def _scope_clause(repo: str, scopes: list[Scope]) -> tuple[str, list[Any]] | None:
+    """SQL (and its arguments) keeping the facts with a topic that may overlap
+    one of ``scopes``; ``None`` if any topic may.
 
     A path topic can overlap a path scope only if one literal prefix starts
     the other: its key is the key of a prefix of the scope's, or begins with
-    the scope's key. A resource overlaps only itself.
+    the scope's key. A resource overlaps only itself. Each part is its own
+    search of the topic index.
     """
-    clauses: list[str] = []
+    parts: list[str] = []
     args: list[Any] = []
+    find = "SELECT seq FROM fact_topics WHERE repo = ? AND "
     for scope in scopes:
         if scope.is_resource:
-            clauses.append("key = ?")
-            args.append(scope.text)
+            parts.append(find + "key = ?")
+            args.extend([repo, scope.text])
             continue
         prefix = scope.literal_prefix
         if not prefix:
@@ -150,10 +152,11 @@ def _scope_clause(scopes: list[Scope]) -> tuple[str, list[Any]] | None:
         keys = ["".join(name + "/" for name in prefix[:n]) for n in range(len(prefix))]
         key = keys[-1] + prefix[-1] + "/"
         marks = ", ".join("?" * len(keys))
+        parts.append(find + f"key IN ({marks})")
         # Keys beneath ``key`` sort from it up to its last "/" raised to "0".
-        clauses.append(f"key IN ({marks}) OR (key >= ? AND key < ?)")
-        args.extend([*keys, key, key[:-1] + "0"])
-    return " OR ".join(f"({clause})" for clause in clauses), args
+        parts.append(find + "key >= ? AND key < ?")
+        args.extend([repo, *keys, repo, key, key[:-1] + "0"])
+    return f"seq IN ({' UNION ALL '.join(parts)})", args
 
 
 def _seq_of(fact_id: str) -> int | None:
@@ -609,12 +612,10 @@ class StoredFacts:
     def select(self, query: FactQuery) -> tuple[list[Fact], bool]:
         where, args = _filters(query)
         scopes = query.scopes
-        clause = None if scopes is None else _scope_clause(scopes)
+        clause = None if scopes is None else _scope_clause(self.repo, scopes)
         if clause is not None:
-            where.append(
-                f"seq IN (SELECT seq FROM fact_topics WHERE repo = ? AND ({clause[0]}))"
-            )
-            args.extend([self.repo, *clause[1]])
+            where.append(clause[0])
+            args.extend(clause[1])
         order = "changed" if query.changed_since is not None else "seq"
         if not query.keeps_first:
             order += " DESC"
@@ -634,12 +635,10 @@ class StoredFacts:
 
     def concerning(self, scopes: list[Scope]) -> Iterator[Fact]:
         where, args = ["state = 'live'"], []
-        clause = _scope_clause(scopes)
+        clause = _scope_clause(self.repo, scopes)
         if clause is not None:
-            where.append(
-                f"seq IN (SELECT seq FROM fact_topics WHERE repo = ? AND ({clause[0]}))"
-            )
-            args.extend([self.repo, *clause[1]])
+            where.append(clause[0])
+            args.extend(clause[1])
         cursor = self.store.rows(self.repo, " AND ".join(where), args, "seq")
         try:
             for row in cursor:
