@@ -443,6 +443,12 @@ class ClaimView:
         if isinstance(seq, int):
             self.head = seq
 
+    def granted(self, rows: list[Claim], seq: int) -> None:
+        """Apply a ``claim.granted`` event of sequence ``seq`` given as rows."""
+        for row in rows:
+            self._add(row)
+        self.head = seq
+
     def _apply(self, event: dict[str, Any]) -> None:
         match event.get("type"):
             case "session.joined":
@@ -1010,7 +1016,28 @@ class ClaimTable:
             "fence": fence,
             "claims": rows,
         }
-        self._emit(out, event)
+        # As _emit, but the view takes the rows from the scopes at hand rather
+        # than parsing them back from the event.
+        self.sequence.stamp(CLAIMS_STREAM, event)
+        self.view.granted(
+            [
+                Claim(
+                    row["id"],
+                    sid,
+                    name,
+                    scope,
+                    mode,
+                    intent,
+                    grant,
+                    fence,
+                    now.wall,
+                    expires,
+                )
+                for row, scope in zip(rows, scopes, strict=True)
+            ],
+            self.sequence.seq,
+        )
+        out.events.append(event)
         if expires is not None:
             for row in rows:
                 heapq.heappush(self._ttl_heap, (expires, row["id"]))
