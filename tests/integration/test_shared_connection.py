@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+import zmq
 
 from fleetbus.client import AsyncSession, connect
 from fleetbus.client.connection import open_connections
@@ -370,3 +372,62 @@ def test_a_connection_left_by_an_ended_loop_is_closed_by_the_next(
 
     assert new is not old
     assert old.closed
+
+
+async def test_a_replica_loads_the_compact_snapshot(
+    join: Callable[..., Any], broker: BrokerProcess, tmp_path: Path
+) -> None:
+    """A joining replica asks for claim groups and holds the same rows."""
+    other = other_repo(tmp_path)
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(broker.url)
+
+    def ask(rid: str, **fields: Any) -> None:
+        raw.send(orjson.dumps({"rid": rid, **fields}))
+        assert raw.poll(int(DEADLINE_S * 1000)), "the broker did not answer"
+        assert orjson.loads(raw.recv())["ok"] is True
+
+    try:
+        ask("h", op="hello", repo=other.id, sid="holder")
+        # TTLs: the raw session sends no heartbeats, its claims outlive it.
+        ask(
+            "c1",
+            op="claim",
+            sid="holder",
+            scopes=["src/a.py", "src/b.py"],
+            ttl_ms=600_000,
+        )
+        ask(
+            "c2",
+            op="claim",
+            sid="holder",
+            scopes=["docs/**"],
+            mode="shared",
+            intent="writing",
+            ttl_ms=600_000,
+        )
+    finally:
+        raw.close(linger=0)
+    keeper = await join("keeper")
+    transport = keeper._connection.transport
+    send = transport.send
+    asked: list[dict[str, Any]] = []
+
+    def recording(message: dict[str, Any]) -> None:
+        if message.get("op") == "snapshot":
+            asked.append(message)
+        send(message)
+
+    transport.send = recording  # type: ignore[method-assign]
+    reader = await join("reader", repo=other)
+
+    assert [message.get("compact") for message in asked] == [True]
+    rows = sorted((c.scope.text, c.mode, c.intent, c.sid) for c in reader.claims())
+    assert rows == [
+        ("docs/", "shared", "writing", "holder"),
+        ("src/a.py", "exclusive", "", "holder"),
+        ("src/b.py", "exclusive", "", "holder"),
+    ]
+    assert not reader.may_edit("src/a.py")
+    assert reader.may_edit("src/c.py")

