@@ -89,7 +89,7 @@ SETTINGS: tuple[Setting, ...] = (
         86_400,
     ),
     Setting(
-        "rate_per_s", "int", 10_000, "requests a second per peer (0: any)", 0, 10**7
+        "rate_per_s", "int", 10_000, "requests a second per session (0: any)", 0, 10**7
     ),
     Setting("rate_burst", "int", 20_000, "burst of requests per peer", 1, 10**8),
     Setting("curve_secret", "path", None, "the broker's CURVE secret key file"),

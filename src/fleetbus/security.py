@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,13 +143,17 @@ class _Bucket:
 
 @dataclass(slots=True)
 class RateLimiter:
-    """A token bucket per peer: ``rate`` requests a second, bursts of ``burst``."""
+    """A token bucket per peer: ``rate`` requests a second, bursts of ``burst``.
+
+    A peer is any hashable key: the broker uses a connection's identity, or
+    the identity and a session id for a session's requests.
+    """
 
     rate: float
     burst: float
-    buckets: dict[bytes, _Bucket] = field(default_factory=dict)
+    buckets: dict[Hashable, _Bucket] = field(default_factory=dict)
 
-    def admit(self, peer: bytes, now: float) -> bool:
+    def admit(self, peer: Hashable, now: float) -> bool:
         """Take one token of ``peer``'s bucket; False when it is empty."""
         if self.rate <= 0:
             return True

@@ -409,6 +409,38 @@ def test_a_flooding_peer_is_limited_and_others_are_not(limited: BrokerProcess) -
         quiet.close()
 
 
+def test_sessions_sharing_a_connection_get_a_bucket_each(
+    limited: BrokerProcess,
+) -> None:
+    """The SDK sends a process's sessions over one socket: each has its own
+    bucket there, and one flooding session is still limited alone."""
+    raw = Raw(limited.url)
+    try:
+        for sid in ("s1", "s2"):
+            assert raw.request("hello", repo="r", sid=sid, rid=f"h-{sid}")["ok"]
+        # A burst each: two bursts' worth in all, more than one bucket holds.
+        for _ in range(90):
+            for sid in ("s1", "s2"):
+                raw.send_raw(body(op="heartbeat", sid=sid))
+        codes: dict[str, int] = {}
+        for _ in range(180):
+            reply = raw.recv(5)
+            assert reply is not None
+            key = "ok" if reply["ok"] else reply["error"]["limit"]
+            codes[key] = codes.get(key, 0) + 1
+        assert codes == {"ok": 180}
+        for _ in range(1000):
+            raw.send_raw(body(op="heartbeat", sid="s1"))
+        limited_s1 = 0
+        for _ in range(1000):
+            reply = raw.recv(5)
+            assert reply is not None
+            limited_s1 += not reply["ok"]
+        assert limited_s1 > 0
+    finally:
+        raw.close()
+
+
 def test_a_flood_does_not_starve_other_sessions(broker: BrokerProcess) -> None:
     """While one peer floods the broker, another's requests still come back fast."""
     stop = threading.Event()

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long replies are kept for retried requests (600)",
     )
     parser.add_argument(
-        "--rate-per-s", type=int, help="requests a second per peer (10000; 0: any)"
+        "--rate-per-s", type=int, help="requests a second per session (10000; 0: any)"
     )
     parser.add_argument("--rate-burst", type=int, help="burst per peer (20000)")
     parser.add_argument(

@@ -468,7 +468,14 @@ class Broker:
         except FleetbusError as exc:
             self._reply(ident, None, error=exc)
             return
-        if not self.rates.admit(ident, time.monotonic()):
+        # One bucket per session of a connection: the SDK sends every session
+        # of a process over one socket. Requests naming no known session share
+        # the connection's bucket.
+        sid = message.get("sid")
+        peer = (
+            (ident, sid) if isinstance(sid, str) and sid in self.session_repo else ident
+        )
+        if not self.rates.admit(peer, time.monotonic()):
             self._reply(
                 ident,
                 rid,
