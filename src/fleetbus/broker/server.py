@@ -53,7 +53,7 @@ MAX_NAME_LEN = 128
 # The store's log is copied back by a thread every CHECKPOINT_INTERVAL_S, and
 # by the loop itself when idle or after CHECKPOINT_COMMITS commits, which
 # bounds the log (a commit writes a few pages) when the thread cannot catch up.
-CHECKPOINT_INTERVAL_S = 0.2
+CHECKPOINT_INTERVAL_S = 1.0
 CHECKPOINT_COMMITS = 1000
 MAX_REPO_LEN = 512
 FAILPOINTS_ENV = "FLEETBUS_FAILPOINTS"
