@@ -83,6 +83,11 @@ def _optional_float(value: Any) -> float | None:
 
 def _wire_scope(text: Any) -> Scope:
     """A scope as the broker sends it, parsed; ``ProtocolError`` if malformed."""
+    if type(text) is str:
+        # Most rows are canonical literal paths: no cache lookup for them.
+        literal = literal_scope(text)
+        if literal is not None:
+            return literal
     try:
         return parse_scope(text)
     except (BadInput, TypeError) as exc:
@@ -157,7 +162,7 @@ class Claim:
                 id=str(data["id"]),
                 sid=str(data["sid"]),
                 name=str(data["name"]),
-                scope=parse_scope(data["scope"]),
+                scope=_wire_scope(data["scope"]),
                 mode=_mode(data["mode"]),
                 intent=str(data["intent"]),
                 grant=str(data["grant"]),
@@ -906,13 +911,8 @@ class ClaimTable:
         Every session gets a fresh lease plus ``grace_s`` to come back.
         """
         view = ClaimView(eager=True)
-        view.load(
-            {
-                "head": self.sequence.head(CLAIMS_STREAM),
-                "sessions": [info.to_wire() for info in sessions],
-                "claims": [row.to_wire() for row in claims],
-            }
-        )
+        view.sessions = {info.sid: info for info in sessions}
+        view.granted(claims, self.sequence.head(CLAIMS_STREAM))
         self.view = view
         self._groups = None
         self._deadlines = {
