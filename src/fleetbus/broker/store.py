@@ -21,6 +21,7 @@ import orjson
 
 from fleetbus.claims import Claim, SessionInfo
 from fleetbus.errors import FleetbusError
+from fleetbus.scope import literal_scope, parse_scope
 
 SCHEMA_VERSION = 3
 
@@ -48,7 +49,19 @@ CREATE TABLE IF NOT EXISTS claims (
     id TEXT PRIMARY KEY,
     repo TEXT NOT NULL,
     sid TEXT NOT NULL,
-    body BLOB NOT NULL
+    name TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    intent TEXT NOT NULL,
+    grant_id TEXT NOT NULL,
+    fence INTEGER NOT NULL,
+    since REAL NOT NULL,
+    expires REAL,
+    body TEXT GENERATED ALWAYS AS (json_object(
+        'id', id, 'sid', sid, 'name', name, 'scope', scope, 'mode', mode,
+        'intent', intent, 'grant', grant_id, 'fence', fence, 'since', since,
+        'expires', expires
+    )) VIRTUAL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS requests (
     sid TEXT NOT NULL,
@@ -60,16 +73,35 @@ CREATE TABLE IF NOT EXISTS requests (
 CREATE INDEX IF NOT EXISTS requests_at ON requests (at);
 """
 
-# Schema 2 kept claims and remembered replies in rowid tables with one more
-# index each: every commit wrote a page of each tree. Rebuilt in place.
+# Schema 2 kept claims (as JSON) and remembered replies in rowid tables with
+# one more index each: every commit wrote a page of each tree. Rebuilt in place.
 _SLIM_TABLES = """
 CREATE TABLE claims_3 (
     id TEXT PRIMARY KEY,
     repo TEXT NOT NULL,
     sid TEXT NOT NULL,
-    body BLOB NOT NULL
+    name TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    intent TEXT NOT NULL,
+    grant_id TEXT NOT NULL,
+    fence INTEGER NOT NULL,
+    since REAL NOT NULL,
+    expires REAL,
+    body TEXT GENERATED ALWAYS AS (json_object(
+        'id', id, 'sid', sid, 'name', name, 'scope', scope, 'mode', mode,
+        'intent', intent, 'grant', grant_id, 'fence', fence, 'since', since,
+        'expires', expires
+    )) VIRTUAL
 ) WITHOUT ROWID;
-INSERT INTO claims_3 SELECT id, repo, sid, body FROM claims;
+INSERT INTO claims_3 (
+    id, repo, sid, name, scope, mode, intent, grant_id, fence, since, expires
+) SELECT
+    id, repo, sid, json_extract(body, '$.name'), json_extract(body, '$.scope'),
+    json_extract(body, '$.mode'), json_extract(body, '$.intent'),
+    json_extract(body, '$.grant'), json_extract(body, '$.fence'),
+    json_extract(body, '$.since'), json_extract(body, '$.expires')
+FROM claims;
 DROP TABLE claims;
 ALTER TABLE claims_3 RENAME TO claims;
 CREATE TABLE requests_3 (
@@ -101,6 +133,10 @@ CREATE INDEX IF NOT EXISTS fact_replies_at ON fact_replies (at);
 FACTS_STREAMS = "facts:"
 """The stream keys of facts topics start with this; their heads are read
 by the fact tables when needed, not loaded with the repository."""
+
+
+# A claim row's columns after its id, in the order of Claim's fields.
+_CLAIM_COLUMNS = "repo, sid, name, scope, mode, intent, grant_id, fence, since, expires"
 
 
 class _Checkpointer:
@@ -180,8 +216,9 @@ class Store:
         self._checkpointer: _Checkpointer | None = None
         self._deferred: dict[str, list[tuple[Any, ...]]] = {}
         self._puts: dict[str, dict[Any, tuple[Any, ...]]] = {}
-        # Claim rows changed this batch, by id: (repo, sid, body), None if gone.
-        self._claims: dict[str, tuple[str, str, bytes] | None] = {}
+        # Claim rows changed this batch, by id: the row's columns after the id
+        # (see _CLAIM_COLUMNS), None if gone.
+        self._claims: dict[str, tuple[Any, ...] | None] = {}
         self.flushes = 0
         """How many times deferred rows were written or dropped."""
 
@@ -288,9 +325,15 @@ class Store:
         for repo, body in self.db.execute("SELECT repo, body FROM sessions"):
             state = repos.setdefault(repo, RepoState())
             state.sessions.append(SessionInfo.from_wire(orjson.loads(body)))
-        for repo, body in self.db.execute("SELECT repo, body FROM claims"):
-            state = repos.setdefault(repo, RepoState())
-            state.claims.append(Claim.from_wire(orjson.loads(body)))
+        rows = self.db.execute(f"SELECT id, {_CLAIM_COLUMNS} FROM claims")
+        for cid, repo, sid, name, text, mode, intent, grant, fence, since, ends in rows:
+            held = repos.get(repo)
+            if held is None:
+                held = repos[repo] = RepoState()
+            scope = literal_scope(text) or parse_scope(text)
+            held.claims.append(
+                Claim(cid, sid, name, scope, mode, intent, grant, fence, since, ends)
+            )
         return repos
 
     def load_requests(self, since: float) -> dict[tuple[str, str], bytes]:
@@ -356,7 +399,9 @@ class Store:
         gone = [(cid,) for cid, row in claims.items() if row is None]
         if kept:
             self.db.executemany(
-                "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?)", kept
+                f"INSERT OR REPLACE INTO claims (id, {_CLAIM_COLUMNS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                kept,
             )
         if gone:
             self.db.executemany("DELETE FROM claims WHERE id = ?", gone)
@@ -429,27 +474,32 @@ class Store:
                 self.db.execute("DELETE FROM sessions WHERE sid = ?", (event["sid"],))
             elif kind == "claim.granted":
                 for row in event["claims"]:
-                    claims[row["id"]] = (repo, row["sid"], orjson.dumps(row))
+                    claims[row["id"]] = (
+                        repo,
+                        row["sid"],
+                        row["name"],
+                        row["scope"],
+                        row["mode"],
+                        row["intent"],
+                        row["grant"],
+                        row["fence"],
+                        row["since"],
+                        row["expires"],
+                    )
             elif kind == "claim.released":
                 for claim_id in event["ids"]:
                     claims[claim_id] = None
             elif kind == "claim.renewed":
-                self._renew(repo, event)
+                self._renew(event)
 
-    def _renew(self, repo: str, event: dict[str, Any]) -> None:
+    def _renew(self, event: dict[str, Any]) -> None:
+        expires = event["expires"]
         for claim_id in event["ids"]:
             if claim_id in self._claims:
                 pending = self._claims[claim_id]
-                if pending is None:
-                    continue
-                sid, stored = pending[1], pending[2]
             else:
-                row = self.db.execute(
-                    "SELECT sid, body FROM claims WHERE id = ?", (claim_id,)
+                pending = self.db.execute(
+                    f"SELECT {_CLAIM_COLUMNS} FROM claims WHERE id = ?", (claim_id,)
                 ).fetchone()
-                if row is None:
-                    continue
-                sid, stored = row
-            body = orjson.loads(stored)
-            body["expires"] = event["expires"]
-            self._claims[claim_id] = (repo, sid, orjson.dumps(body))
+            if pending is not None:
+                self._claims[claim_id] = (*pending[:-1], expires)
