@@ -322,6 +322,39 @@ def test_a_publish_reply_outlives_its_fact_within_the_retry_window(
     assert table.get("f1") is None
 
 
+def test_a_publish_reply_is_found_by_a_reopened_store(tmp_path: Path) -> None:
+    """The filter of recent publishes is rebuilt from the stored replies, so a
+    retry after a restart still gets its first reply."""
+    store = Store(tmp_path / "db.sqlite")
+    facts, table = _stored(store)
+    facts.rid = "r1"
+    fact = _publish(table, "kept")
+    facts.put_reply("s1", "r1", 100.0, "git:r", fact.seq)
+    store.commit()
+    first = facts.reply("s1", "r1", 0.0)
+
+    reopened = FactStore(store)
+
+    assert first is not None
+    assert reopened.reply("s1", "r1", 0.0) == first
+    assert reopened.reply("s1", "r2", 0.0) is None
+
+
+def test_recent_publishes_never_miss_one_they_saw() -> None:
+    """Every publish noted is found again across windows, most unseen ones are
+    not, and a lookup reaching into a dropped window is not refused."""
+    recent = broker_facts.RecentPublishes()
+    seen = [(f"s{n % 7}", f"r{n}", float(n)) for n in range(30_000)]
+    for sid, rid, at in seen:
+        recent.add(sid, rid, at, 10_000.0)
+
+    assert all(recent.may_hold(sid, rid, at) for sid, rid, at in seen[20_001:])
+    assert all(recent.may_hold(sid, rid, 0.0) for sid, rid, _at in seen)
+    unseen = [recent.may_hold("s1", f"x{n}", 20_001.0) for n in range(10_000)]
+    assert sum(unseen) < 100
+    assert not recent.may_hold("s1", "r29999", 30_000.0)
+
+
 def test_retention_by_count_after_reopening_counts_what_is_stored(
     tmp_path: Path,
 ) -> None:

@@ -116,6 +116,10 @@ _DELETE_SEEN = "DELETE FROM facts_seen WHERE repo = ? AND id = ?"
 _PUT_HEAD = "INSERT OR REPLACE INTO heads VALUES (?, ?, ?)"
 _PUT_REPLY = "INSERT OR REPLACE INTO fact_replies VALUES (?, ?, ?, ?, ?, ?)"
 
+REPLY_FILTER_BITS = 1 << 25
+"""Bits of each window's filter of publishes with a stored reply (4 MiB): a
+window of 6 million publishes still leaves nine lookups in ten out."""
+
 HEADS_CACHED = 65_536
 """Most facts stream heads one repository keeps in memory; the rest are read
 from the store when their stream moves."""
@@ -157,6 +161,69 @@ def _scope_clause(repo: str, scopes: list[Scope]) -> tuple[str, list[Any]] | Non
         parts.append(find + "key >= ? AND key < ?")
         args.extend([repo, *keys, repo, key, key[:-1] + "0"])
     return f"seq IN ({' UNION ALL '.join(parts)})", args
+
+
+class _Window:
+    """The publishes of one retry window: filter bits, first and newest time."""
+
+    __slots__ = ("bits", "first", "newest")
+
+    def __init__(self, at: float) -> None:
+        self.bits = bytearray(REPLY_FILTER_BITS >> 3)
+        self.first = at
+        self.newest = at
+
+
+class RecentPublishes:
+    """Which publishes (session and request id) may have a stored reply.
+
+    A Bloom filter per retry window: it may say yes of a publish it never
+    saw, never no of one it did, so a retry is always found while nearly
+    every new publish skips the lookup in the store. The filter of a window
+    long past is dropped; a lookup reaching back to the newest publish it
+    held cannot be answered here, and says yes.
+    """
+
+    def __init__(self) -> None:
+        self._windows: list[_Window] = []
+        self._dropped_up_to = float("-inf")
+
+    def add(self, sid: str, rid: str, at: float, window_s: float) -> None:
+        """Note that the publish ``rid`` of ``sid`` has a reply stored at ``at``."""
+        windows = self._windows
+        if not windows or at - windows[-1].first > window_s:
+            windows.append(_Window(at))
+            if len(windows) > 2:
+                dropped = windows.pop(0)
+                self._dropped_up_to = max(self._dropped_up_to, dropped.newest)
+        window = windows[-1]
+        window.newest = max(window.newest, at)
+        low, high = _bits(sid, rid)
+        bits = window.bits
+        bits[low >> 3] |= 1 << (low & 7)
+        bits[high >> 3] |= 1 << (high & 7)
+
+    def may_hold(self, sid: str, rid: str, since: float) -> bool:
+        """Whether a reply to ``rid`` of ``sid`` stored at ``since`` or later
+        may exist."""
+        if since <= self._dropped_up_to:
+            return True
+        low, high = _bits(sid, rid)
+        for window in self._windows:
+            bits = window.bits
+            if (
+                window.newest >= since
+                and bits[low >> 3] & (1 << (low & 7))
+                and bits[high >> 3] & (1 << (high & 7))
+            ):
+                return True
+        return False
+
+
+def _bits(sid: str, rid: str) -> tuple[int, int]:
+    """The two filter bits of a publish."""
+    h = hash((sid, rid))
+    return h & (REPLY_FILTER_BITS - 1), (h >> 25) & (REPLY_FILTER_BITS - 1)
 
 
 def _seq_of(fact_id: str) -> int | None:
@@ -236,6 +303,11 @@ class FactStore:
         self.wall: Callable[[], float] = time.time
         self.reply_window_s = 600.0
         self._next_n = (db.execute("SELECT max(n) FROM facts").fetchone()[0] or 0) + 1
+        self.recent = RecentPublishes()
+        for sid, rid, at in db.execute(
+            "SELECT sid, rid, at FROM fact_replies ORDER BY at"
+        ):
+            self.recent.add(sid, rid, at, self.reply_window_s)
 
     def _migrate(self) -> None:
         """Give every fact of a schema-2 store (one JSON document each) its
@@ -429,6 +501,8 @@ class FactStore:
         The reply is rebuilt from its fact, as published; only for a fact
         dropped within the retry window is the reply itself kept.
         """
+        if not self.recent.may_hold(sid, rid, since):
+            return None
         row = self.store.pending(_PUT_REPLY, (sid, rid))
         if row is None:
             row = self.db.execute(
@@ -447,6 +521,7 @@ class FactStore:
 
     def put_reply(self, sid: str, rid: str, at: float, repo: str, seq: int) -> None:
         """Remember which fact a publish published, for retries, in this batch."""
+        self.recent.add(sid, rid, at, self.reply_window_s)
         self.store.put(_PUT_REPLY, (sid, rid), (sid, rid, at, repo, seq, None))
 
     def _keep_replies(self, repo: str, facts: list[Fact]) -> None:
@@ -463,6 +538,7 @@ class FactStore:
                 continue
             rid = str(row[0])
             reply = publish_reply(rid, _as_published(fact).to_wire(), fact.seq)
+            self.recent.add(fact.sid, rid, fact.at, self.reply_window_s)
             self.store.put(
                 _PUT_REPLY,
                 (fact.sid, rid),
