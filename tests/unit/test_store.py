@@ -118,7 +118,7 @@ def test_an_ended_fact_is_updated_and_indexed_once(tmp_path: Path) -> None:
 
     _, reopened = _stored(store)
     loaded = reopened.get(fact.id)
-    fts = "facts_fts" if facts.fts else "facts WHERE 0"
+    fts = "facts_fts_docsize" if facts.fts else "facts WHERE 0"
     indexed = store.db.execute(f"SELECT count(*) FROM {fts}").fetchone()
 
     assert loaded is not None
@@ -238,9 +238,44 @@ def test_schema_2_store_of_the_release_is_migrated(tmp_path: Path) -> None:
     assert [f.id for f in live] == ["f2", "f6"]
     assert [f.state for f in history if f.id == "f4"] == ["retracted"]
     assert facts.search("git:r", "memcached") == {"f6"}
+    store.db.execute("INSERT INTO facts_fts (facts_fts) VALUES ('integrity-check')")
     assert facts.seen("s2", "git:r") == {"f2"}
     assert table.next_due() == 1002.0 + 3600.0
     assert out.events[0].links == [(("src", "auth", "login.py"), 7)]
+
+
+def test_the_search_index_reads_the_facts_text_and_stays_whole(
+    tmp_path: Path,
+) -> None:
+    """The full-text index keeps no copy of the text, an index that did is
+    rebuilt on open, and dropped facts leave it consistent."""
+    store = Store(tmp_path / "db.sqlite")
+    facts, table = _stored(store)
+    if not facts.fts:
+        pytest.skip("SQLite without FTS5")
+    _publish(table, "alpha one")
+    store.commit()
+    db = store.db
+    db.execute("DROP TABLE facts_fts")
+    db.execute("CREATE VIRTUAL TABLE facts_fts USING fts5(text)")
+    db.execute("INSERT INTO facts_fts (rowid, text) SELECT n, text FROM facts")
+
+    facts = FactStore(store)
+    table = FactTable(
+        "git:r",
+        Sequence(1),
+        FactLimits(max_facts=2),
+        rows=StoredFacts(facts, "git:r"),
+        heads=StoredHeads(facts, "git:r"),
+    )
+    betas = [_publish(table, f"beta {n}", topic=f"src/{n}.py") for n in range(3)]
+    store.commit()
+    db.execute("INSERT INTO facts_fts (facts_fts) VALUES ('integrity-check')")
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+
+    assert "facts_fts_content" not in tables
+    assert facts.search("git:r", "alpha") == set()
+    assert facts.search("git:r", "beta") == {fact.id for fact in betas[1:]}
 
 
 _TOPICS = ["src/", "src/a.py", "src/*.py", "src/b/", "docs/x.md", "@build", "*.md"]

@@ -98,7 +98,12 @@ _TABLES = (
     )""",
     "CREATE INDEX IF NOT EXISTS facts_seen_fact ON facts_seen (repo, id)",
 )
-_FTS = "CREATE VIRTUAL TABLE IF NOT EXISTS facts_fts USING fts5(text)"
+# The full-text index reads the text from the facts table rather than keeping
+# a copy of its own; a fact's text never changes once written.
+_FTS = (
+    "CREATE VIRTUAL TABLE IF NOT EXISTS facts_fts "
+    "USING fts5(text, content='facts', content_rowid='n')"
+)
 
 _INSERT_FACT = (
     "INSERT INTO facts (n, repo, rid, " + _COLUMNS + ") "
@@ -106,9 +111,10 @@ _INSERT_FACT = (
 )
 _INSERT_FTS = "INSERT INTO facts_fts (rowid, text) VALUES (?, ?)"
 _INSERT_TOPIC = "INSERT OR IGNORE INTO fact_topics VALUES (?, ?, ?)"
+# Run before the fact's row goes: the index needs the text it indexed.
 _DELETE_FTS = (
-    "DELETE FROM facts_fts "
-    "WHERE rowid = (SELECT n FROM facts WHERE repo = ? AND seq = ?)"
+    "INSERT INTO facts_fts (facts_fts, rowid, text) "
+    "SELECT 'delete', n, text FROM facts WHERE repo = ? AND seq = ?"
 )
 _DELETE_FACT = "DELETE FROM facts WHERE repo = ? AND seq = ?"
 _DELETE_TOPIC = "DELETE FROM fact_topics WHERE repo = ? AND key = ? AND seq = ?"
@@ -276,12 +282,6 @@ class FactStore:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.db = db = store.db
-        try:
-            db.execute(_FTS)
-        except sqlite3.OperationalError:
-            self.fts = False
-        else:
-            self.fts = True
         # A store opened by one earlier version indexes new facts by trigger.
         db.execute("DROP TRIGGER IF EXISTS facts_fts_insert")
         replies = [row[1] for row in db.execute("PRAGMA table_info(fact_replies)")]
@@ -296,6 +296,7 @@ class FactStore:
             db.execute(_FACTS)
             for statement in _TABLES:
                 db.execute(statement)
+        self.fts = self._open_search()
         self._pending: dict[tuple[str, int], Fact] = {}
         self._flushes = store.flushes
         self.rid: str | None = None
@@ -309,11 +310,32 @@ class FactStore:
         ):
             self.recent.add(sid, rid, at, self.reply_window_s)
 
+    def _open_search(self) -> bool:
+        """Open the full-text index on the facts' own text; whether SQLite has
+        FTS5.
+
+        An index keeping its own copy of the text (as earlier layouts did) is
+        rebuilt as one that reads the text from the facts table.
+        """
+        db = self.db
+        row = db.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'facts_fts'"
+        ).fetchone()
+        if row is not None and "content=" in row[0]:
+            return True
+        try:
+            db.execute("DROP TABLE IF EXISTS facts_fts")
+            db.execute(_FTS)
+        except sqlite3.OperationalError:
+            return False
+        db.execute("INSERT INTO facts_fts (facts_fts) VALUES ('rebuild')")
+        return True
+
     def _migrate(self) -> None:
         """Give every fact of a schema-2 store (one JSON document each) its
         columns and topic keys.
 
-        The rows keep their numbers, so the full-text index stays valid.
+        The rows keep their numbers.
         """
         db = self.db
         self.store.begin()
