@@ -891,10 +891,12 @@ class FactService:
         broker._dirty.add(repo)
         wall = broker.clock.wall()
         events = broker._events
+        logged = broker._log_changes
         for stamped in outcome.events:
             stamped.event["repo"] = repo
             stamped.event.setdefault("at", wall)
-            self._log(stamped.event, outcome.reply)
+            if logged:
+                self._log(stamped.event, outcome.reply)
             for prefix, event in stamped.copies():
                 events.append((self._topic(repo, prefix), event))
 
@@ -1011,7 +1013,7 @@ class FactService:
         encoded = publish_reply(rid, outcome.events[0].event["fact"], seq)
         # Remembered in the store only, by the fact it published: replies
         # held in memory for the whole retry window would outweigh the facts.
-        self.store.put_reply(sid, rid, broker.clock.wall(), claims.repo, seq)
+        self.store.put_reply(sid, rid, outcome.reply.at, claims.repo, seq)
         broker._outbox.append((ident, rid, encoded))
 
     def _replay(self, ident: bytes, sid: str, rid: str) -> bool:
