@@ -156,7 +156,7 @@ async def test_claim_cancelled_as_its_grant_arrives_gives_it_back(
         if "grant" in reply:
             claiming.cancel()
 
-    a._connection.on_reply = cancel_on_grant  # type: ignore[method-assign]
+    a._connection.transport.on_replies(cancel_on_grant)
     claiming = asyncio.create_task(a.claim("src/", ttl=600))
     await asyncio.wait({claiming}, timeout=DEADLINE_S)
 

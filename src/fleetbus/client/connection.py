@@ -98,7 +98,7 @@ class Connection:
         self.replicas: dict[str, Replica] = {}
         self._by_topic: dict[bytes, Replica] = {}
         self._by_repo: dict[bytes, Replica] = {}
-        self._replies = self.loop.create_task(self._read_replies())
+        self.transport.on_replies(self.on_reply)
         self._events: asyncio.Task[None] | None = None
         self._ticker: asyncio.TimerHandle | None = None
         self.closed = False
@@ -158,9 +158,8 @@ class Connection:
             replica.close()
         if not self.loop.is_closed():
             # A loop already closed has nothing left waiting to be told.
-            for task in (self._replies, self._events):
-                if task is not None:
-                    task.cancel()
+            if self._events is not None:
+                self._events.cancel()
             for pending in self.pending.values():
                 if not pending.future.done():
                     failure = SessionClosed("the session was closed")
@@ -238,11 +237,6 @@ class Connection:
         for pending in list(self.pending.values()):
             if pending.owner is owner and pending.queued:
                 self.transport.send(pending.message)
-
-    async def _read_replies(self) -> None:
-        while True:
-            for reply in await self.transport.replies():
-                self.on_reply(reply)
 
     def on_reply(self, reply: dict[str, Any]) -> None:
         """Hand one reply to the request waiting for it."""

@@ -9,6 +9,7 @@ without changing the session code.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -40,6 +41,13 @@ class Transport(Protocol):
 
     async def replies(self) -> list[dict[str, Any]]:
         """Wait until at least one reply is in, then return every ready one."""
+
+    def on_replies(self, deliver: Callable[[dict[str, Any]], None]) -> None:
+        """Hand each reply to ``deliver`` as it comes, instead of :meth:`replies`.
+
+        Called on the running loop; ``deliver`` runs in the loop's reader
+        callback, so a waiting request wakes without a reader task between.
+        """
 
     def attach_events(self, pub: Any) -> None:
         """Connect the event channel to what the ``hello`` reply named."""
@@ -113,6 +121,10 @@ class ZmqTransport:
         """The next reply and every other one already in."""
         return [body for _, body in await self._replies_in.batch()]
 
+    def on_replies(self, deliver: Callable[[dict[str, Any]], None]) -> None:
+        """Hand each reply to ``deliver`` from the loop's reader callback."""
+        self._replies_in.deliver_to(deliver)
+
     def attach_events(self, pub: Any) -> None:
         """Connect (or move) the SUB to the broker's publisher."""
         address = pub_address(self.url, pub)
@@ -174,6 +186,8 @@ class _Inbox:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._maybe = True
+        self._deliver: Callable[[dict[str, Any]], None] | None = None
+        self._pumping = False
 
     async def batch(self) -> list[Event]:
         """Every message ready, waiting until there is at least one."""
@@ -191,7 +205,36 @@ class _Inbox:
             out = self._drain()
         return out
 
+    def deliver_to(self, deliver: Callable[[dict[str, Any]], None]) -> None:
+        """Push every message's body to ``deliver`` instead of batching them."""
+        loop = asyncio.get_running_loop()
+        self._deliver = deliver
+        if self._loop is None:
+            loop.add_reader(self._sock.FD, self._readable)
+            self._loop = loop
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._pumping and self._loop is not None:
+            self._pumping = True
+            self._loop.call_soon(self._pump)
+
+    def _pump(self) -> None:
+        self._pumping = False
+        deliver = self._deliver
+        if deliver is None or self._sock.closed:
+            return
+        out, full = _receive(self._sock, topic=False)
+        for _, body in out:
+            deliver(body)
+        if full:
+            # The rest waits its turn behind the loop's other callbacks.
+            self._schedule()
+
     def _readable(self) -> None:
+        if self._deliver is not None:
+            self._pump()
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -203,6 +246,10 @@ class _Inbox:
 
     def recheck(self) -> None:
         """After an operation on the socket: a message may be in unannounced."""
+        if self._deliver is not None:
+            if int(self._sock.getsockopt(_EVENTS)) & _POLLIN:
+                self._schedule()
+            return
         waiter = self._waiter
         if waiter is None:
             self._maybe = True
@@ -216,6 +263,7 @@ class _Inbox:
 
     def close(self) -> None:
         """Stop watching the socket."""
+        self._deliver = None
         loop, self._loop = self._loop, None
         if loop is not None and not loop.is_closed() and not self._sock.closed:
             loop.remove_reader(self._sock.FD)
