@@ -238,3 +238,23 @@ def test_an_unusable_socket_path_exits_3_without_a_traceback(tmp_path: Path) -> 
     assert done.returncode == 3
     assert "Traceback" not in done.stderr
     assert '"event":"broker.start_failed"' in done.stderr
+
+
+def test_a_claim_is_stamped_with_one_time(raw: Raw) -> None:
+    """A grant's event is stamped at the time its rows were granted at."""
+    hello = raw.ask("hello", repo="stamp", sid="s")
+    sub: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, wire.claims_topic("stamp"))
+    sub.connect(hello["pub"])
+    try:
+        # A subscription takes effect at some point after connect: claim
+        # until a grant's event arrives.
+        while not sub.poll(50):
+            assert raw.ask("claim", sid="s", scopes=[f"f{raw.count}.py"])["ok"]
+        granted: dict[str, Any] = orjson.loads(sub.recv_multipart()[1])
+    finally:
+        sub.close(linger=0)
+
+    assert granted["type"] == "claim.granted"
+    assert {row["since"] for row in granted["claims"]} == {granted["at"]}

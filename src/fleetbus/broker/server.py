@@ -347,7 +347,7 @@ class Broker:
                 ttl is not None and ttl <= now.wall
             )
             if due:
-                self._absorb(table.repo, table.tick(now))
+                self._absorb(table.repo, table.tick(now), now)
         self.facts.tick(now.wall)
 
     def _flush(self) -> None:
@@ -513,10 +513,12 @@ class Broker:
         if error is not None:
             self.metrics.failed(error.code)
             body = wire.error(rid, error.to_wire())
-        else:
-            body = wire.ok(rid, **(fields or {}))
-            if fields and "facts" in fields:
+        elif fields:
+            body = {"rid": rid, "ok": True, **fields}
+            if "facts" in fields:
                 self.metrics.facts_delivered += len(fields["facts"])
+        else:
+            body = {"rid": rid, "ok": True}
         encoded = wire.encode(body)
         if remember is not None:
             self._remember(remember, encoded)
@@ -562,15 +564,18 @@ class Broker:
         self._outbox.append((ident, rid, known[1]))
         return True
 
-    def _absorb(self, repo: str, outcome: Outcome) -> None:
-        """Take a table's outcome: persist and queue its events and late replies."""
+    def _absorb(self, repo: str, outcome: Outcome, now: Now | None = None) -> None:
+        """Take a table's outcome: persist and queue its events and late replies.
+
+        ``now`` is the time the outcome was decided at, when the caller has it.
+        """
         assert self.store is not None
         if outcome.events:
             self.store.begin()
             self.store.apply_claim_events(repo, outcome.events)
             self._dirty.add(repo)
             topic = wire.claims_topic(repo)
-            wall = self.clock.wall()
+            wall = self.clock.wall() if now is None else now.wall
             logged = self._log_changes
             for event in outcome.events:
                 event["repo"] = repo
@@ -614,6 +619,12 @@ class Broker:
     # -- handlers -------------------------------------------------------------
 
     def _session(self, message: dict[str, Any]) -> tuple[str, ClaimTable]:
+        """The session a request names and its table, its lease renewed."""
+        sid, table, _now = self._session_at(message)
+        return sid, table
+
+    def _session_at(self, message: dict[str, Any]) -> tuple[str, ClaimTable, Now]:
+        """:meth:`_session`, and the time the request is handled at."""
         sid = _text(message, "sid", MAX_NAME_LEN)
         self.security.check(sid, self._credential)
         repo = self.session_repo.get(sid)
@@ -623,8 +634,9 @@ class Broker:
                 sid=sid,
             )
         table = self.tables[repo]
-        table.touch(sid, self._now())
-        return sid, table
+        now = self._now()
+        table.touch(sid, now)
+        return sid, table, now
 
     def _on_ping(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
         self._reply(
@@ -744,7 +756,7 @@ class Broker:
         )
 
     def _on_claim(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
-        sid, table = self._session(message)
+        sid, table, now = self._session_at(message)
         if self._replay(ident, sid, rid):
             return
         if table.is_waiting(sid, rid):
@@ -767,7 +779,7 @@ class Broker:
                 ttl_s=ttl_s,
                 wait_s=wait_s,
                 rid=rid,
-                now=self._now(),
+                now=now,
             )
         except FleetbusError as exc:
             self.metrics.refused(exc.code)
@@ -782,7 +794,7 @@ class Broker:
                 self._reply(ident, rid, error=exc, remember=(sid, rid))
                 return
             raise
-        self._absorb(table.repo, outcome)
+        self._absorb(table.repo, outcome, now)
         if outcome.queued is not None:
             self._waiting[(sid, rid)] = ident
             self.log_change(
@@ -797,7 +809,7 @@ class Broker:
         self._reply(ident, rid, outcome.reply, remember=(sid, rid))
 
     def _on_release(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
-        sid, table = self._session(message)
+        sid, table, now = self._session_at(message)
         if self._replay(ident, sid, rid):
             return
         scopes = _scopes(message) if message.get("scopes") is not None else None
@@ -807,13 +819,13 @@ class Broker:
             grant=_optional_text(message, "grant"),
             ids=_optional_ids(message),
             all=message.get("all") is True,
-            now=self._now(),
+            now=now,
         )
-        self._absorb(table.repo, outcome)
+        self._absorb(table.repo, outcome, now)
         self._reply(ident, rid, outcome.reply, remember=(sid, rid))
 
     def _on_renew(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
-        sid, table = self._session(message)
+        sid, table, now = self._session_at(message)
         if self._replay(ident, sid, rid):
             return
         ttl_s = _seconds(message, "ttl_ms")
@@ -824,9 +836,9 @@ class Broker:
             grant=_optional_text(message, "grant"),
             ids=_optional_ids(message),
             ttl_s=ttl_s,
-            now=self._now(),
+            now=now,
         )
-        self._absorb(table.repo, outcome)
+        self._absorb(table.repo, outcome, now)
         self._reply(ident, rid, outcome.reply, remember=(sid, rid))
 
     def _on_cancel(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
