@@ -375,6 +375,28 @@ def test_a_publish_reply_is_found_by_a_reopened_store(tmp_path: Path) -> None:
     assert reopened.reply("s1", "r2", 0.0) is None
 
 
+def test_publish_replies_left_out_of_the_filter_are_looked_up(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A store opened with more replies than the filter takes still finds
+    the oldest ones."""
+    monkeypatch.setattr(broker_facts, "REPLIES_FILTERED", 2)
+    store = Store(tmp_path / "db.sqlite")
+    facts, table = _stored(store)
+    for n in range(1, 4):
+        facts.rid = f"r{n}"
+        fact = _publish(table, f"fact {n}")
+        facts.put_reply("s1", f"r{n}", 100.0 + n, "git:r", fact.seq)
+    store.commit()
+    first = [facts.reply("s1", f"r{n}", 0.0) for n in range(1, 4)]
+
+    reopened = FactStore(store)
+
+    assert None not in first
+    assert [reopened.reply("s1", f"r{n}", 0.0) for n in range(1, 4)] == first
+    assert reopened.reply("s1", "r1", 101.5) is None
+
+
 def test_recent_publishes_never_miss_one_they_saw() -> None:
     """Every publish noted is found again across windows, most unseen ones are
     not, and a lookup reaching into a dropped window is not refused."""

@@ -126,6 +126,10 @@ REPLY_FILTER_BITS = 1 << 25
 """Bits of each window's filter of publishes with a stored reply (4 MiB): a
 window of 6 million publishes still leaves nine lookups in ten out."""
 
+REPLIES_FILTERED = 1_000_000
+"""Most stored publish replies noted in the filter when the store opens; a
+retry older than the newest one left out is looked up in the store."""
+
 HEADS_CACHED = 65_536
 """Most facts stream heads one repository keeps in memory; the rest are read
 from the store when their stream moves."""
@@ -208,6 +212,11 @@ class RecentPublishes:
         bits = window.bits
         bits[low >> 3] |= 1 << (low & 7)
         bits[high >> 3] |= 1 << (high & 7)
+
+    def unknown_up_to(self, at: float) -> None:
+        """Make the publishes stored up to ``at`` unknown here: a lookup
+        reaching back to them says yes."""
+        self._dropped_up_to = max(self._dropped_up_to, at)
 
     def may_hold(self, sid: str, rid: str, since: float) -> bool:
         """Whether a reply to ``rid`` of ``sid`` stored at ``since`` or later
@@ -305,10 +314,14 @@ class FactStore:
         self.reply_window_s = 600.0
         self._next_n = (db.execute("SELECT max(n) FROM facts").fetchone()[0] or 0) + 1
         self.recent = RecentPublishes()
-        for sid, rid, at in db.execute(
-            "SELECT sid, rid, at FROM fact_replies ORDER BY at"
-        ):
+        rows = db.execute(
+            "SELECT sid, rid, at FROM fact_replies ORDER BY at DESC LIMIT ?",
+            (REPLIES_FILTERED + 1,),
+        ).fetchall()
+        for sid, rid, at in rows[:REPLIES_FILTERED]:
             self.recent.add(sid, rid, at, self.reply_window_s)
+        if len(rows) > REPLIES_FILTERED:
+            self.recent.unknown_up_to(rows[-1][2])
 
     def _open_search(self) -> bool:
         """Open the full-text index on the facts' own text; whether SQLite has
