@@ -358,8 +358,8 @@ def test_a_publish_reply_outlives_its_fact_within_the_retry_window(
 
 
 def test_a_publish_reply_is_found_by_a_reopened_store(tmp_path: Path) -> None:
-    """The filter of recent publishes is rebuilt from the stored replies, so a
-    retry after a restart still gets its first reply."""
+    """A retry after a restart still gets its first reply: the stored replies
+    are looked up in the store, not in the filter."""
     store = Store(tmp_path / "db.sqlite")
     facts, table = _stored(store)
     facts.rid = "r1"
@@ -375,12 +375,9 @@ def test_a_publish_reply_is_found_by_a_reopened_store(tmp_path: Path) -> None:
     assert reopened.reply("s1", "r2", 0.0) is None
 
 
-def test_publish_replies_left_out_of_the_filter_are_looked_up(
-    tmp_path: Path, monkeypatch: Any
-) -> None:
-    """A store opened with more replies than the filter takes still finds
-    the oldest ones."""
-    monkeypatch.setattr(broker_facts, "REPLIES_FILTERED", 2)
+def test_a_reopened_store_reads_no_reply_into_the_filter(tmp_path: Path) -> None:
+    """Opening the store costs nothing per stored reply: lookups reaching back
+    to them go to the store, later ones are answered by the filter."""
     store = Store(tmp_path / "db.sqlite")
     facts, table = _stored(store)
     for n in range(1, 4):
@@ -395,6 +392,8 @@ def test_publish_replies_left_out_of_the_filter_are_looked_up(
     assert None not in first
     assert [reopened.reply("s1", f"r{n}", 0.0) for n in range(1, 4)] == first
     assert reopened.reply("s1", "r1", 101.5) is None
+    assert reopened.recent.may_hold("s1", "r1", 103.0)
+    assert not reopened.recent.may_hold("s1", "r9", 103.5)
 
 
 def test_recent_publishes_never_miss_one_they_saw() -> None:

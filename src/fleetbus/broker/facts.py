@@ -126,10 +126,6 @@ REPLY_FILTER_BITS = 1 << 25
 """Bits of each window's filter of publishes with a stored reply (4 MiB): a
 window of 6 million publishes still leaves nine lookups in ten out."""
 
-REPLIES_FILTERED = 1_000_000
-"""Most stored publish replies noted in the filter when the store opens; a
-retry older than the newest one left out is looked up in the store."""
-
 HEADS_CACHED = 65_536
 """Most facts stream heads one repository keeps in memory; the rest are read
 from the store when their stream moves."""
@@ -314,14 +310,12 @@ class FactStore:
         self.reply_window_s = 600.0
         self._next_n = (db.execute("SELECT max(n) FROM facts").fetchone()[0] or 0) + 1
         self.recent = RecentPublishes()
-        rows = db.execute(
-            "SELECT sid, rid, at FROM fact_replies ORDER BY at DESC LIMIT ?",
-            (REPLIES_FILTERED + 1,),
-        ).fetchall()
-        for sid, rid, at in rows[:REPLIES_FILTERED]:
-            self.recent.add(sid, rid, at, self.reply_window_s)
-        if len(rows) > REPLIES_FILTERED:
-            self.recent.unknown_up_to(rows[-1][2])
+        # Replies stored before this opening are not read into the filter:
+        # that would cost a restart a microsecond per publish of the window.
+        # Lookups reaching back to them go to the store until they age out.
+        newest = db.execute("SELECT max(at) FROM fact_replies").fetchone()[0]
+        if newest is not None:
+            self.recent.unknown_up_to(newest)
 
     def _open_search(self) -> bool:
         """Open the full-text index on the facts' own text; whether SQLite has
