@@ -448,6 +448,10 @@ class ClaimView:
         if isinstance(seq, int):
             self.head = seq
 
+    def warm(self) -> None:
+        """Build what the index builds on demand (see ``ScopeIndex.build_tree``)."""
+        self._index.build_tree()
+
     def granted(self, rows: list[Claim], seq: int) -> None:
         """Apply a ``claim.granted`` event of sequence ``seq`` given as rows."""
         for row in rows:
@@ -910,7 +914,9 @@ class ClaimTable:
 
         Every session gets a fresh lease plus ``grace_s`` to come back.
         """
-        view = ClaimView(eager=True)
+        # The index's tree of literal paths is left to the first pattern
+        # query or to warm(): a restart with many claims serves sooner.
+        view = ClaimView(eager=False)
         view.sessions = {info.sid: info for info in sessions}
         view.granted(claims, self.sequence.head(CLAIMS_STREAM))
         self.view = view

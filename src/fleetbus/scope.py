@@ -1005,6 +1005,11 @@ class ScopeIndex(Generic[T]):
             for item in items:
                 yield scope, item
 
+    def build_tree(self) -> None:
+        """Build the tree of literal paths now if it is built on demand, so
+        that the first pattern query does not pay for it."""
+        self._literal_tree()
+
     def _literal_tree(self) -> _Dir:
         tree = self._tree
         if tree is None:

@@ -609,6 +609,51 @@ def test_restore_gives_sessions_a_fresh_lease_and_grace(fleet: Fleet) -> None:
     assert [e["type"] for e in lost] == ["session.lost"] * 3
 
 
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_restored_table_judges_patterns_against_held_paths(
+    fleet: Fleet, warm: bool
+) -> None:
+    """Restored claims meet a directory or glob claim whether or not the
+    index was warmed before the first pattern query."""
+    fleet.claim("s1", "src/a.py", "lib/deep/b.py", ttl_s=100)
+    view = fleet.table.view
+    table = ClaimTable(REPO, Sequence(fleet.table.sequence.seq))
+    restart = Now(wall=T0.wall + 1, mono=1.0)
+    table.restore(list(view.sessions.values()), view.claims(), grace_s=5, now=restart)
+    if warm:
+        table.view.warm()
+
+    for scopes in (["src/"], ["lib/**/*.py"]):
+        with pytest.raises(Conflict):
+            table.claim(
+                "s2",
+                [parse_scope(text) for text in scopes],
+                mode="exclusive",
+                intent="",
+                ttl_s=None,
+                wait_s=None,
+                rid=f"r-{scopes[0]}",
+                now=restart,
+            )
+    out = table.claim(
+        "s2",
+        [parse_scope("docs/")],
+        mode="exclusive",
+        intent="",
+        ttl_s=None,
+        wait_s=None,
+        rid="r-docs",
+        now=restart,
+    )
+    assert out.reply is not None
+    table.view.warm()
+    assert sorted(c.scope.text for c in table.view.claims()) == [
+        "docs/",
+        "lib/deep/b.py",
+        "src/a.py",
+    ]
+
+
 # -- release, renew, force ---------------------------------------------------
 
 

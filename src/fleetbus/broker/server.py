@@ -277,8 +277,8 @@ class Broker:
             while not self._stopping:
                 timeout_ms = self._poll_timeout(next_heartbeat)
                 ready = dict(poller.poll(timeout_ms))
-                if not ready and self.store is not None and self.store.commits:
-                    self._checkpoint()
+                if not ready:
+                    self._idle()
                 if wake_r.fileno() in ready:
                     _drain_fd(wake_r)
                 self.turn(drain=self.router in ready)
@@ -329,6 +329,13 @@ class Broker:
         self.metrics.replied()
         if self.store is not None and self.store.commits >= CHECKPOINT_COMMITS:
             self._checkpoint()
+
+    def _idle(self) -> None:
+        """Work left for a quiet moment: the store's log, restored indexes."""
+        if self.store is not None and self.store.commits:
+            self._checkpoint()
+        for table in self.tables.values():
+            table.view.warm()
 
     def _checkpoint(self) -> None:
         """Copy the store's log back now that this turn's replies are out."""
