@@ -431,3 +431,98 @@ async def test_a_replica_loads_the_compact_snapshot(
     ]
     assert not reader.may_edit("src/a.py")
     assert reader.may_edit("src/c.py")
+
+
+async def test_a_lost_join_event_costs_a_snapshot_not_a_broker_heartbeat(
+    broker_factory: Callable[..., BrokerProcess], repo: RepoInfo
+) -> None:
+    """A join whose event never arrives is ready after one more snapshot."""
+    broker = broker_factory(extra_args=["--heartbeat-ms", "60000"])
+    a = await AsyncSession.connect(broker.url, session_id="a", repo=repo)
+    b: AsyncSession | None = None
+    try:
+        replica = a._shared
+        on_event = replica.on_event
+
+        def lossy(event: dict[str, Any]) -> None:
+            if event.get("session", {}).get("sid") != "b":
+                on_event(event)
+
+        replica.on_event = lossy  # type: ignore[method-assign]
+        snapshots = count_sent(a, "snapshot")
+
+        b = await AsyncSession.connect(
+            broker.url, session_id="b", repo=repo, timeout=DEADLINE_S
+        )
+
+        assert snapshots[0] == 1
+        assert b.applied >= b._join_head  # type: ignore[operator]
+        assert sorted(a.sessions) == ["a", "b"]
+        assert b._generation == 1
+    finally:
+        for session in (b, a):
+            if session is not None:
+                await session.close(leave=False)
+
+
+async def test_a_session_keeps_its_lease_while_its_replica_loads(
+    join: Callable[..., Any], broker: BrokerProcess, tmp_path: Path
+) -> None:
+    """Heartbeats start at the join, not once the first snapshot is in."""
+    keeper = await join("keeper")
+    connection = keeper._connection
+    exchange = connection.exchange
+    transport = connection.transport
+    send = transport.send
+    beats = 0
+    beating = asyncio.Event()
+    slow_repo = other_repo(tmp_path)
+
+    def counting(message: dict[str, Any]) -> None:
+        nonlocal beats
+        if message.get("op") == "heartbeat" and message.get("sid") == "slow":
+            beats += 1
+            if beats * broker.lease_ms / 3 > 1.5 * broker.lease_ms:
+                beating.set()
+        send(message)
+
+    async def held(message: dict[str, Any], *args: Any) -> dict[str, Any]:
+        if message.get("op") == "snapshot" and message.get("repo") == slow_repo.id:
+            await asyncio.wait_for(beating.wait(), DEADLINE_S)
+        return await exchange(message, *args)
+
+    transport.send = counting  # type: ignore[method-assign]
+    connection.exchange = held  # type: ignore[method-assign]
+
+    slow = await join("slow", repo=slow_repo, timeout=DEADLINE_S)
+    await slow.claim("src/a.py")
+
+    assert beating.is_set()
+    assert slow._generation == 1
+    assert '"sid":"slow","reason":"lease_expired"' not in broker.log()
+
+
+async def test_waiting_for_the_head_past_a_lost_last_event_loads_a_snapshot(
+    broker_factory: Callable[..., BrokerProcess], repo: RepoInfo
+) -> None:
+    """A lost last event is found by a wait for the head, not a broker heartbeat."""
+    broker = broker_factory(extra_args=["--heartbeat-ms", "60000"])
+    a = await AsyncSession.connect(broker.url, session_id="a", repo=repo)
+    b = await AsyncSession.connect(broker.url, session_id="b", repo=repo, replica=False)
+    try:
+        replica = a._shared
+        on_event = replica.on_event
+
+        def lossy(event: dict[str, Any]) -> None:
+            if event.get("type") != "claim.granted":
+                on_event(event)
+
+        replica.on_event = lossy  # type: ignore[method-assign]
+        grant = await b.claim("src/b.py")
+
+        await a.wait_synced(timeout=DEADLINE_S)
+
+        assert [row.grant for row in a.holders("src/b.py")] == [grant.id]
+    finally:
+        for session in (b, a):
+            await session.close(leave=False)

@@ -130,13 +130,23 @@ class Connection:
         replica = self.replicas.get(repo)
         if replica is None:
             replica = self.replicas[repo] = Replica(self, repo)
-            topic = wire.claims_topic(repo)
+            topic = self.follow(repo)
             self._by_topic[topic] = replica
             self._by_repo[repo.encode()] = replica
-            self.transport.subscribe(topic)
             if self._events is None:
                 self._events = self.loop.create_task(self._read_events())
         return replica
+
+    def follow(self, repo: str) -> bytes:
+        """Subscribe to ``repo``'s claims stream; its topic.
+
+        Subscribing ahead of a join gives the subscription a round trip's
+        start on the join's own event. Subscriptions stay: a replica made
+        again later finds its topic subscribed.
+        """
+        topic = wire.claims_topic(repo)
+        self.transport.subscribe(topic)
+        return topic
 
     def forget(self, replica: Replica) -> None:
         """Stop feeding ``replica``: its last session has gone."""

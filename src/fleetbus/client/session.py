@@ -47,6 +47,7 @@ from fleetbus.client.overlay import OwnChanges
 from fleetbus.errors import (
     BadInput,
     FleetbusError,
+    TimedOut,
     UnknownSession,
     error_from_wire,
 )
@@ -64,6 +65,9 @@ EventCallback = Callable[[dict[str, Any]], None]
 
 _LEAVE_TIMEOUT_S = 1.0
 _REPAIR_BACKOFF_S = 0.2
+# How long a session waits for an event the broker already holds before it
+# loads a snapshot instead.
+_CATCH_UP_GRACE_S = 0.25
 _UNKEYED_OPS = frozenset({"ping", "status", "snapshot"})
 
 __all__ = [
@@ -210,23 +214,57 @@ class AsyncSession(FactsMixin):
 
     async def _start(self) -> None:
         self._connection.attach(self)
+        if self._replica:
+            self._connection.follow(self.repo.id)
         await self._join()
         if self._replica:
-            # A replica already live serves at once, once it has the join.
-            shared = self._shared = self._connection.replica(self.repo.id)
-            shared.attach(self)
-            head = self._join_head
-            await shared.wait(
-                lambda: head is None or shared.applied >= head,
-                self.timeout,
-                lambda: f"the replica did not reach seq {head} in time",
-                self._synced_waiters,
-            )
-            self._synced_once = True
+            self._shared = self._connection.replica(self.repo.id)
         else:
             self._spawn(self._repair_loop())
+        # The lease runs from the join on: beat while the replica catches up.
         if self.leased:
             self._heartbeats = self._task(self._heartbeat())
+        if self._replica:
+            await self._follow_replica()
+
+    async def _follow_replica(self) -> None:
+        """Wait until the shared replica has applied this session's join."""
+        self._shared.attach(self)
+        head = self._join_head
+        if head is not None:
+            await self._catch_up(head, self.timeout)
+        else:
+            await self._shared.wait(
+                lambda: True,
+                self.timeout,
+                lambda: "the replica did not load in time",
+                self._synced_waiters,
+            )
+        self._synced_once = True
+
+    async def _catch_up(self, head: int, timeout: float) -> None:
+        """Wait until the replica has applied ``head``, which the broker holds.
+
+        A replica already live serves at once, once that event is in. The
+        event can be lost: a subscription the broker has not seen yet drops
+        what it publishes. After a short grace the replica starts over from a
+        snapshot, instead of waiting for the broker's next heartbeat.
+        """
+        shared = self._shared
+
+        def reached() -> bool:
+            return shared.applied >= head
+
+        def failure() -> str:
+            return f"the replica reached seq {shared.applied}, not {head}, in time"
+
+        grace = min(timeout, _CATCH_UP_GRACE_S)
+        try:
+            await shared.wait(reached, grace, failure, self._synced_waiters)
+        except TimedOut:
+            if not shared.syncing:
+                shared.want_repair()
+            await shared.wait(reached, timeout - grace, failure, self._synced_waiters)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self._task(coro)
@@ -504,6 +542,8 @@ class AsyncSession(FactsMixin):
                 reply = await self._request("snapshot", repo=self.repo.id)
             self._check_epoch(reply)
             seq = int(reply["head"])
+            await self._catch_up(seq, self.timeout if timeout is None else timeout)
+            return
         target = seq
         shared = self._shared
         await shared.wait(
