@@ -81,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
             install_peers=install,
         )
         report.env.update(mode="quick" if args.quick else "full", reps=run.reps)
+        if install and {"rtt", "facts"} & set(chosen):
+            from bench import peers
+
+            print("[peers] ...", file=sys.stderr, flush=True)
+            report.notes["peers.install"] = peers.install(["redis", "nats"])
         began = time.monotonic()
         for name in chosen:
             started = time.monotonic()

@@ -47,13 +47,18 @@ def install(peers: list[str]) -> str:
         return "already installed"
     if shutil.which("apt-get") is None:
         return "no apt-get here"
-    done = subprocess.run(
-        ["apt-get", "install", "-y", "-qq", *packages],
-        capture_output=True,
-        check=False,
-        timeout=300,
-    )
-    return "installed" if done.returncode == 0 else "apt-get failed"
+    for command in (["install"], ["update"], ["install"]):
+        # A fresh machine may know no package lists yet: update, then again.
+        done = subprocess.run(
+            ["apt-get", *command, "-y", "-qq"]
+            + (packages if command == ["install"] else []),
+            capture_output=True,
+            check=False,
+            timeout=600,
+        )
+        if command == ["install"] and done.returncode == 0:
+            return f"installed {', '.join(packages)}"
+    return f"apt-get could not install {', '.join(packages)}"
 
 
 def free_port() -> int:
