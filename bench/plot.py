@@ -1,7 +1,8 @@
 """Charts of a run's figures: ``python -m bench.plot FIGURES.json OUTDIR``.
 
 Needs matplotlib (the ``bench`` extra); draws each target's figure against
-its bound, and the round trips next to their baselines, with p25–p75 bars.
+its bound, the round trips next to their baselines with p25–p75 bars, and the
+replica's check and the broker's decision against the number of claims held.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     _round_trips(plt, doc, out / "bench-rtt.png")
     _targets(plt, doc, out / "bench-targets.png")
+    _claims_held(plt, doc, out / "bench-claims-held.png")
     return 0
 
 
@@ -79,8 +81,43 @@ def _targets(plt: Any, doc: dict[str, Any], path: Path) -> None:
     ax.barh([r[0] for r in rows], shares, color=colors)
     ax.axvline(1.0, color="black", linewidth=1)
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel("share of the target (≥ 1: met; log scale)")
     ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _claims_held(plt: Any, doc: dict[str, Any], path: Path) -> None:
+    figures, spread = doc["figures"], doc["spread"]
+    sizes = [
+        (10, "10"),
+        (100, "100"),
+        (1_000, "1k"),
+        (10_000, "10k"),
+        (100_000, "100k"),
+    ]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for prefix, label in (
+        ("local_check_p50_us_", "replica: may_edit"),
+        ("decision_p50_us_", "broker: claim decision"),
+    ):
+        points = [
+            (n, f"{prefix}{tag}") for n, tag in sizes if f"{prefix}{tag}" in figures
+        ]
+        if not points:
+            continue
+        xs = [n for n, _ in points]
+        ys = [figures[name] for _, name in points]
+        low = [figures[name] - spread[name][0] for _, name in points]
+        high = [spread[name][1] - figures[name] for _, name in points]
+        ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("claims held")
+    ax.set_ylabel("p50, µs (in process)")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

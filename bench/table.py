@@ -58,3 +58,37 @@ def render(report: Report) -> str:
         word = "not measured" if met is None else ("met" if met else "missed")
         lines.append(f"{what:<44} {shown:>12}  {word}")
     return "\n".join(lines)
+
+
+def markdown(data: dict[str, object]) -> str:
+    """The targets and every figure of a JSON report, as Markdown tables."""
+    figures: dict[str, float] = data["figures"]  # type: ignore[assignment]
+    spread: dict[str, list[float]] = data["spread"]  # type: ignore[assignment]
+    units: dict[str, str] = data["units"]  # type: ignore[assignment]
+    targets: dict[str, dict[str, object]] = data["targets"]  # type: ignore[assignment]
+    missing: dict[str, str] = data["not_measured"]  # type: ignore[assignment]
+    lines = ["| target | figure | verdict |", "|---|---:|---|"]
+    for what, verdict in targets.items():
+        value = figures.get(str(verdict["figure"]))
+        shown = _fmt(value) if value is not None else "—"
+        met = verdict["met"]
+        word = "not measured" if met is None else ("met" if met else "**missed**")
+        lines.append(f"| {what} | {shown} | {word} |")
+    lines += ["", "| figure | median | p25–p75 | unit |", "|---|---:|---:|---|"]
+    for name in sorted(figures):
+        low, high = spread[name]
+        lines.append(
+            f"| `{name}` | {_fmt(figures[name])} | {_fmt(low)}–{_fmt(high)} "
+            f"| {units.get(name, '')} |"
+        )
+    for name, reason in sorted(missing.items()):
+        lines.append(f"| `{name}` | not measured | {reason} | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    from pathlib import Path
+
+    print(markdown(json.loads(Path(sys.argv[1]).read_text(encoding="utf-8"))))
