@@ -696,6 +696,43 @@ def test_hook_path_imports_no_heavy_module(bench: Bench) -> None:
     assert hooked.code == 0
 
 
+def test_sidecar_caches_the_hook_path_bytecode(bench: Bench, tmp_path: Path) -> None:
+    """With bytecode writes off, the hook loads its modules compiled all the same.
+
+    The agent's environment forbids writing bytecode and points the cache at an
+    empty directory, so only the sidecar, which writes it when it starts, can
+    have put ``hookclient``'s compiled code there.
+    """
+    prefix = tmp_path / "pycache"
+    env = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": str(prefix)}
+    a = bench.agent("sess-a")
+    assert bench.edit(a, str(bench.repo / "a.py"), **env).code == 0
+    event = claude_event(
+        "sess-a", str(bench.repo), "PreToolUse", "Edit", {"file_path": "b.py"}
+    )
+    fleetbus = str(Path(sys.executable).parent / "fleetbus")
+
+    hooked = bench.hook(
+        "claude-code",
+        event,
+        a,
+        command=[sys.executable, "-v", fleetbus, "hook", "claude-code"],
+        **env,
+    )
+
+    loaded = {
+        line.split("code object from ")[1].strip("'")
+        for line in hooked.stderr.splitlines()
+        if line.startswith("# code object from ")
+    }
+    ours = {path for path in loaded if f"{os.sep}fleetbus{os.sep}" in path}
+    tag = sys.implementation.cache_tag
+    assert f"hookclient.{tag}.pyc" in {Path(path).name for path in ours}, ours
+    assert all(path.startswith(str(prefix)) for path in ours), ours
+    assert hooked.decision is None
+    assert hooked.code == 0
+
+
 # -- Codex and Gemini CLI -------------------------------------------------------
 
 

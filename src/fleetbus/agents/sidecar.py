@@ -56,6 +56,7 @@ from typing import IO, Any
 
 from fleetbus import log
 from fleetbus.agents import hookclient, hooks
+from fleetbus.agents.bytecode import cache_bytecode
 from fleetbus.agents.hookclient import EXIT_BUSY, HOOK_MAGIC, sidecar_file
 from fleetbus.claims import Claim
 from fleetbus.client.session import AsyncSession
@@ -737,6 +738,9 @@ def main(argv: list[str] | None = None) -> int:
         print("another sidecar runs for this session", file=sys.stderr)
         return EXIT_BUSY
     try:
+        written = cache_bytecode()
+        if written:
+            _log.debug("sidecar.bytecode_written", modules=written)
         repo = discover(args.cwd)
         sidecar = Sidecar(
             session_id=args.session_id,
