@@ -1,8 +1,9 @@
 """Charts of a run's figures: ``python -m bench.plot FIGURES.json OUTDIR``.
 
 Needs matplotlib (the ``bench`` extra); draws each target's figure against
-its bound, the round trips next to their baselines with p25–p75 bars, and the
-replica's check and the broker's decision against the number of claims held.
+its bound, the round trips next to their baselines with p25–p75 bars, the
+replica's check and the broker's decision against the number of claims held,
+and claim + release pairs per second against the number of sessions.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main(argv: list[str]) -> int:
     _round_trips(plt, doc, out / "bench-rtt.png")
     _targets(plt, doc, out / "bench-targets.png")
     _claims_held(plt, doc, out / "bench-claims-held.png")
+    _sessions(plt, doc, out / "bench-sessions.png")
     return 0
 
 
@@ -98,7 +100,7 @@ def _claims_held(plt: Any, doc: dict[str, Any], path: Path) -> None:
         (10_000, "10k"),
         (100_000, "100k"),
     ]
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    series = []
     for prefix, label in (
         ("local_check_p50_us_", "replica: may_edit"),
         ("decision_p50_us_", "broker: claim decision"),
@@ -106,8 +108,12 @@ def _claims_held(plt: Any, doc: dict[str, Any], path: Path) -> None:
         points = [
             (n, f"{prefix}{tag}") for n, tag in sizes if f"{prefix}{tag}" in figures
         ]
-        if not points:
-            continue
+        if points:
+            series.append((label, points))
+    if not series:
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for label, points in series:
         xs = [n for n, _ in points]
         ys = [figures[name] for _, name in points]
         low = [figures[name] - spread[name][0] for _, name in points]
@@ -118,6 +124,31 @@ def _claims_held(plt: Any, doc: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("claims held")
     ax.set_ylabel("p50, µs (in process)")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _sessions(plt: Any, doc: dict[str, Any], path: Path) -> None:
+    figures, spread = doc["figures"], doc["spread"]
+    prefix = "claim_release_per_s_sessions_"
+    names = {int(k.removeprefix(prefix)): k for k in figures if k.startswith(prefix)}
+    if "claim_release_per_s" in figures:
+        names[20] = "claim_release_per_s"
+    if len(names) < 2:
+        return
+    xs = sorted(names)
+    ys = [figures[names[n]] for n in xs]
+    low = [figures[names[n]] - spread[names[n]][0] for n in xs]
+    high = [spread[names[n]][1] - figures[names[n]] for n in xs]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3)
+    ax.set_xscale("log")
+    ax.set_xticks(xs, [str(n) for n in xs])
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("SDK sessions, claiming and releasing their own files")
+    ax.set_ylabel("pairs per second")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

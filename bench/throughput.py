@@ -23,39 +23,62 @@ from fleetbus import wire
 
 PAIR_SESSIONS = 20
 PAIR_PROCESSES = 2
+#: Session counts of the throughput-against-sessions sweep (quick: the first two).
+SWEEP = (1, 5, 50)
 PUBLISHERS = 10
 FACTS_REPO = "bench:facts"
 
 
 def run_pairs(ctx: Run) -> None:
-    """Claim + release pairs per second: 20 SDK sessions on disjoint files."""
+    """Claim + release pairs per second: 20 SDK sessions on disjoint files.
+
+    Each repetition also runs the same load with fewer and more sessions
+    (:data:`SWEEP`, in shorter windows), for throughput against sessions.
+    """
     folder = ctx.folder("pairs")
     seconds = ctx.scale(1.5, 5)
-    rates = []
+    sweep_s = ctx.scale(1, 3)
+    sweep = SWEEP[:2] if ctx.quick else SWEEP
+    rates: list[float] = []
+    swept: dict[int, list[float]] = {n: [] for n in sweep}
     with Broker(folder) as broker:
         for _ in range(ctx.reps):
-            rates.append(_pairs_once(broker, folder, seconds))
+            rates.append(_pairs_once(broker, folder, seconds, PAIR_SESSIONS))
+            for sessions in sweep:
+                swept[sessions].append(_pairs_once(broker, folder, sweep_s, sessions))
     ctx.report.add("claim_release_per_s", rates, "/s")
     ctx.report.note(
         "claim_release_per_s",
         f"{PAIR_SESSIONS} AsyncSessions (replica on) in {PAIR_PROCESSES} processes, "
         f"each claiming and releasing its own files for {seconds} s; unpinned",
     )
+    for sessions, values in swept.items():
+        name = f"claim_release_per_s_sessions_{sessions}"
+        ctx.report.add(name, values, "/s")
+        ctx.report.note(
+            name,
+            f"as claim_release_per_s with {sessions} sessions in "
+            f"{min(sessions, PAIR_PROCESSES)} processes, for {sweep_s} s",
+        )
 
 
-def _pairs_once(broker: Broker, folder: Any, seconds: float) -> float:
-    per = PAIR_SESSIONS // PAIR_PROCESSES
-    start_at = time.monotonic() + 2.0 + 0.05 * PAIR_SESSIONS
+def _pairs_once(broker: Broker, folder: Any, seconds: float, sessions: int) -> float:
+    processes = min(sessions, PAIR_PROCESSES)
+    shares = [
+        sessions // processes + (n < sessions % processes) for n in range(processes)
+    ]
+    firsts = [sum(shares[:n]) for n in range(processes)]
+    start_at = time.monotonic() + 2.0 + 0.05 * sessions
     children = [
         bench_child(
             "claimers",
             broker.url,
             str(folder / "repo"),
-            str(n * per),
-            str(per),
+            str(first),
+            str(share),
             f"{start_at}:{seconds}",
         )
-        for n in range(PAIR_PROCESSES)
+        for first, share in zip(firsts, shares, strict=True)
     ]
     try:
         for child in children:
