@@ -313,15 +313,17 @@ class Store:
         repos: dict[str, RepoState] = {}
         for repo, seq in self.db.execute("SELECT repo, seq FROM repos"):
             repos[repo] = RepoState(seq=seq)
-        # Two ranges of the key per repository: before and after facts streams.
+        # Two ranges of the key per repository, before and after the facts
+        # streams, each its own search: SQLite answers an OR of the two by
+        # scanning every head of the repository, a million with as many topics.
         end = FACTS_STREAMS[:-1] + chr(ord(FACTS_STREAMS[-1]) + 1)
         for repo, state in repos.items():
-            rows = self.db.execute(
-                "SELECT stream, seq FROM heads WHERE repo = ? "
-                "AND (stream < ? OR stream >= ?)",
-                (repo, FACTS_STREAMS, end),
-            )
-            state.heads.update(rows)
+            for where, bound in (("stream < ?", FACTS_STREAMS), ("stream >= ?", end)):
+                rows = self.db.execute(
+                    f"SELECT stream, seq FROM heads WHERE repo = ? AND {where}",
+                    (repo, bound),
+                )
+                state.heads.update(rows)
         for repo, body in self.db.execute("SELECT repo, body FROM sessions"):
             state = repos.setdefault(repo, RepoState())
             state.sessions.append(SessionInfo.from_wire(orjson.loads(body)))
