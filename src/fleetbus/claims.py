@@ -297,12 +297,15 @@ class Outcome:
     direct success reply, or is ``None`` when the request was queued (then
     ``queued`` is its position) or has no reply. ``deferred`` holds the final
     replies, ``(sid, rid, reply)``, of earlier waits this change ended.
+    ``lost`` names each session whose lease ran out while it held claims, with
+    the scopes it held: those its lease bound first, then those with a TTL.
     """
 
     events: list[dict[str, Any]]
     reply: dict[str, Any] | None
     queued: int | None = None
     deferred: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    lost: list[tuple[SessionInfo, list[str]]] = field(default_factory=list)
 
 
 class ClaimView:
@@ -1168,7 +1171,12 @@ class ClaimTable:
         for waiter in [w for w in self.view.waiters if w.sid == sid]:
             error = Refused(f"wait cancelled: {reason.replace('_', ' ')}")
             self._end_wait(waiter, "cancelled", error.to_wire(), out)
-        bound = [row for row in self.view.claims(sid) if row.expires is None]
+        rows = list(self.view.claims(sid))
+        bound = [row for row in rows if row.expires is None]
+        if reason == "session_lost" and rows:
+            timed = [row.scope.text for row in rows if row.expires is not None]
+            scopes = [row.scope.text for row in bound] + timed
+            out.lost.append((self.view.sessions[sid], list(dict.fromkeys(scopes))))
         self._release(sid, bound, reason, out)
         self._forget(sid, reason, out)
 

@@ -492,6 +492,27 @@ def test_lost_lease_releases_lease_bound_claims_only(fleet: Fleet) -> None:
     assert fleet.held() == []
 
 
+
+def test_a_lost_session_is_named_with_every_scope_it_held(fleet: Fleet) -> None:
+    """The outcome names a session lost holding claims: lease-bound, then TTL.
+
+    A session lost holding nothing, and one that leaves, are not named.
+    """
+    fleet.claim("s1", "with-ttl", ttl_s=60)
+    fleet.claim("s1", "lease-bound", "src/")
+    fleet.record(fleet.table.leave("s2", at(1)))
+
+    out = fleet.tick(at(5))
+
+    assert [(info.sid, info.name, held) for info, held in out.lost] == [
+        ("s1", "alice", ["lease-bound", "src/", "with-ttl"])
+    ]
+    assert ("session.lost", "lease_expired") in kinds(out)
+    assert [e["sid"] for e in out.events if e["type"] == "session.lost"] == [
+        "s1",
+        "s3",
+    ]
+
 def test_touch_and_requests_renew_the_lease(fleet: Fleet) -> None:
     """An idle but alive session keeps its claims while it touches its lease."""
     fleet.claim("s1", "a")

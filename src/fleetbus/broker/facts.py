@@ -21,6 +21,7 @@ import orjson
 
 from fleetbus import wire
 from fleetbus.broker.store import FACT_REPLIES
+from fleetbus.claims import SessionInfo
 from fleetbus.errors import BadInput
 from fleetbus.facts import (
     BROKER_AUTHOR,
@@ -825,8 +826,6 @@ class FactService:
         )
         self.tables: dict[str, FactTable] = {}
         self.store: FactStore | None = None
-        self._who: dict[str, tuple[str, dict[str, Any]]] = {}
-        self._held: dict[str, tuple[str, str]] = {}
         self._topics: dict[tuple[str, tuple[str, ...]], bytes] = {}
         broker._handlers.update(
             {
@@ -854,13 +853,6 @@ class FactService:
         for repo in list(self.broker.sequences):
             if self.store.holds(repo):
                 self._table(repo)
-        self._who.clear()
-        self._held.clear()
-        for table in self.broker.tables.values():
-            for info in table.view.sessions.values():
-                self._who[info.sid] = (info.name, dict(info.meta))
-            for row in table.view.claims():
-                self._held[row.id] = (row.sid, row.scope.text)
 
     def _table(self, repo: str) -> FactTable:
         table = self.tables.get(repo)
@@ -928,34 +920,13 @@ class FactService:
 
     # -- the broker's own warnings --------------------------------------------------
 
-    def observe(self, repo: str, events: Iterable[dict[str, Any]]) -> None:
-        """Follow claims-stream events; warn about sessions lost holding claims."""
-        released: dict[str, list[str]] = {}
-        for event in events:
-            kind = event["type"]
-            if kind == "session.joined":
-                session = event["session"]
-                self._who[session["sid"]] = (session["name"], session.get("meta") or {})
-            elif kind == "claim.granted":
-                for row in event["claims"]:
-                    self._held[row["id"]] = (row["sid"], row["scope"])
-            elif kind == "claim.released":
-                for claim_id in event["ids"]:
-                    held = self._held.pop(claim_id, None)
-                    if held is not None and event.get("reason") == "session_lost":
-                        released.setdefault(held[0], []).append(held[1])
-            elif kind == "session.lost":
-                sid = event["sid"]
-                kept = [scope for owner, scope in self._held.values() if owner == sid]
-                scopes = released.pop(sid, []) + kept
-                if scopes:
-                    self._warn_lost(repo, sid, list(dict.fromkeys(scopes)))
-                self._who.pop(sid, None)
-            elif kind == "session.left":
-                self._who.pop(event["sid"], None)
+    def warn_lost(self, repo: str, lost: list[tuple[SessionInfo, list[str]]]) -> None:
+        """Warn, as facts on their scopes, about sessions lost holding claims."""
+        for info, scopes in lost:
+            self._warn_lost(repo, info, scopes)
 
-    def _warn_lost(self, repo: str, sid: str, scopes: list[str]) -> None:
-        name, meta = self._who.get(sid, (sid, {}))
+    def _warn_lost(self, repo: str, info: SessionInfo, scopes: list[str]) -> None:
+        sid, name, meta = info.sid, info.name, info.meta
         worktree = meta.get("worktree") or "an unknown worktree"
         branch = meta.get("branch") or "an unknown branch"
         host = meta.get("host") or "an unknown host"

@@ -592,7 +592,8 @@ class Broker:
                     self._log_event(event)
                 self.metrics.event(event)
                 self._events.append((topic, event))
-            self.facts.observe(repo, outcome.events)
+            if outcome.lost:
+                self.facts.warn_lost(repo, outcome.lost)
         for sid, rid, reply in outcome.deferred:
             ident = self._waiting.pop((sid, rid), None)
             body = {"rid": rid, **reply}
