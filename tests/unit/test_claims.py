@@ -492,7 +492,6 @@ def test_lost_lease_releases_lease_bound_claims_only(fleet: Fleet) -> None:
     assert fleet.held() == []
 
 
-
 def test_a_lost_session_is_named_with_every_scope_it_held(fleet: Fleet) -> None:
     """The outcome names a session lost holding claims: lease-bound, then TTL.
 
@@ -512,6 +511,7 @@ def test_a_lost_session_is_named_with_every_scope_it_held(fleet: Fleet) -> None:
         "s1",
         "s3",
     ]
+
 
 def test_touch_and_requests_renew_the_lease(fleet: Fleet) -> None:
     """An idle but alive session keeps its claims while it touches its lease."""

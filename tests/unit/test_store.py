@@ -45,7 +45,6 @@ def test_heads_saved_piecemeal_are_all_loaded(tmp_path: Path) -> None:
     assert state.heads == {"claims": 1, "facts/a": 4, "facts/b": 3}
 
 
-
 def test_load_leaves_fact_stream_heads_in_the_store(tmp_path: Path) -> None:
     """Heads before and after the ``facts:`` streams load; those streams do not."""
     store = Store(tmp_path / "db.sqlite")
@@ -60,6 +59,7 @@ def test_load_leaves_fact_stream_heads_in_the_store(tmp_path: Path) -> None:
     state = Store(tmp_path / "db.sqlite").load()["git:r"]
 
     assert state.heads == {"a": 5, "claims": 1, "~z": 4}
+
 
 def test_schema_1_store_keeps_its_heads_after_migration(tmp_path: Path) -> None:
     path = tmp_path / "db.sqlite"
