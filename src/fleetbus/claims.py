@@ -451,9 +451,10 @@ class ClaimView:
         if isinstance(seq, int):
             self.head = seq
 
-    def warm(self) -> None:
-        """Build what the index builds on demand (see ``ScopeIndex.build_tree``)."""
-        self._index.build_tree()
+    def warm(self, budget: int | None = None) -> bool:
+        """Build what the index builds on demand, at most ``budget`` paths this
+        call (see ``ScopeIndex.build_tree``); whether all of it is built."""
+        return self._index.build_tree(budget)
 
     def granted(self, rows: list[Claim], seq: int) -> None:
         """Apply a ``claim.granted`` event of sequence ``seq`` given as rows."""

@@ -816,7 +816,8 @@ class ScopeIndex(Generic[T]):
     literal prefix, and a path is walked down that trie only as far as it
     holds patterns. Finding the literal paths beneath a pattern needs a tree
     of them too: it is built on first need and kept from then on, or from the
-    start with ``eager=True``.
+    start with ``eager=True``; :meth:`build_tree` builds it ahead of need, a
+    slice at a time.
     """
 
     def __init__(self, *, eager: bool = False) -> None:
@@ -828,6 +829,9 @@ class ScopeIndex(Generic[T]):
         self._literals: dict[str, T | _Many[T]] = {}
         self._literal_scopes: dict[str, Scope] = {}
         self._tree: _Dir | None = _Dir() if eager else None
+        # A tree being built by slices, and the literal scopes not in it yet.
+        self._partial: _Dir | None = None
+        self._unbuilt: list[Scope] = []
         self._len = 0
 
     def __len__(self) -> int:
@@ -849,8 +853,9 @@ class ScopeIndex(Generic[T]):
                 self._literals[path] = _Many((cast(T, held), item))
                 return
             self._literal_scopes[path] = scope
-            if self._tree is not None:
-                _tree_add(self._tree, scope.segments)
+            tree = self._tree if self._tree is not None else self._partial
+            if tree is not None:
+                _tree_add(tree, scope.segments)
             return
         if scope.is_resource:
             self._scopes[scope.text] = scope
@@ -893,8 +898,9 @@ class ScopeIndex(Generic[T]):
         self._len -= 1
         del self._literals[path]
         del self._literal_scopes[path]
-        if self._tree is not None:
-            _tree_discard(self._tree, scope.segments)
+        tree = self._tree if self._tree is not None else self._partial
+        if tree is not None:
+            _tree_discard(tree, scope.segments)
 
     def _discard_pattern(self, scope: Scope, item: T) -> None:
         path: list[tuple[_Node[T], str]] = []
@@ -1005,18 +1011,40 @@ class ScopeIndex(Generic[T]):
             for item in items:
                 yield scope, item
 
-    def build_tree(self) -> None:
-        """Build the tree of literal paths now if it is built on demand, so
-        that the first pattern query does not pay for it."""
-        self._literal_tree()
+    def build_tree(self, budget: int | None = None) -> bool:
+        """Build the tree of literal paths ahead of the first pattern query
+        that needs it, at most ``budget`` paths this call; whether it is built.
+
+        Between slices the index stays usable: paths added or dropped meanwhile
+        go into the part already built, and a query that needs the tree
+        finishes it first.
+        """
+        if self._tree is not None:
+            return True
+        partial = self._partial
+        if partial is None:
+            partial = self._partial = _Dir()
+            self._unbuilt = list(self._literal_scopes.values())
+        unbuilt = self._unbuilt
+        current = self._literal_scopes
+        for _ in range(len(unbuilt) if budget is None else budget):
+            if not unbuilt:
+                break
+            scope = unbuilt.pop()
+            # Dropped since the slicing began, or added again (and then
+            # already put in the tree): either way nothing to do.
+            if current.get(scope._exact) is scope:
+                _tree_add(partial, scope.segments)
+        if unbuilt:
+            return False
+        self._tree, self._partial = partial, None
+        return True
 
     def _literal_tree(self) -> _Dir:
-        tree = self._tree
-        if tree is None:
-            tree = self._tree = _Dir()
-            for scope in self._literal_scopes.values():
-                _tree_add(tree, scope.segments)
-        return tree
+        if self._tree is None:
+            self.build_tree()
+        assert self._tree is not None
+        return self._tree
 
 
 def _remove(items: list[T], item: T) -> bool:

@@ -129,3 +129,49 @@ def test_iteration_yields_every_entry(texts: list[str]) -> None:
     index, entries = build(texts)
 
     assert bag(index) == bag(entries)
+
+
+literal_text = st.lists(
+    st.sampled_from(["a", "b", "ab", "ba"]), min_size=1, max_size=4
+).map("/".join)
+step = st.one_of(
+    st.tuples(st.just("slice"), st.integers(0, 3)),
+    st.tuples(st.just("add"), literal_text),
+    st.tuples(st.just("discard"), st.integers(0, 40)),
+    st.tuples(st.just("query"), pattern_text),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(literal_text, max_size=20), st.lists(step, max_size=25))
+def test_tree_built_in_slices_between_changes_answers_like_a_scan(
+    texts: list[str], steps: list[tuple[str, object]]
+) -> None:
+    """Slices of the literal tree, interleaved with adds, drops and pattern
+    queries, leave every query equal to a scan of the entries held then."""
+    index, entries = build(texts)
+    held = list(entries)
+    for kind, arg in steps:
+        if kind == "slice":
+            assert isinstance(arg, int)
+            index.build_tree(arg)
+        elif kind == "add":
+            entry = (parse_scope(str(arg)), len(entries))
+            entries.append(entry)
+            held.append(entry)
+            index.add(*entry)
+        elif kind == "discard" and held:
+            assert isinstance(arg, int)
+            entry = held.pop(arg % len(held))
+            index.discard(*entry)
+        elif kind == "query":
+            q = parse_scope(str(arg))
+            assert bag(index.overlapping(q)) == bag(
+                (s, n) for s, n in held if overlaps(s, q)
+            )
+    assert index.build_tree(None)
+    for text in ("**", "a/", "b/**/a"):
+        q = parse_scope(text)
+        assert bag(index.overlapping(q)) == bag(
+            (s, n) for s, n in held if overlaps(s, q)
+        )

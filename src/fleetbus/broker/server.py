@@ -55,6 +55,8 @@ MAX_NAME_LEN = 128
 # bounds the log (a commit writes a few pages) when the thread cannot catch up.
 CHECKPOINT_INTERVAL_S = 1.0
 CHECKPOINT_COMMITS = 1000
+#: Literal paths put in a restored table's tree per idle moment (a few ms).
+WARM_SLICE = 2_000
 MAX_REPO_LEN = 512
 FAILPOINTS_ENV = "FLEETBUS_FAILPOINTS"
 TEST_HOOKS_ENV = "FLEETBUS_TEST_HOOKS"
@@ -95,6 +97,8 @@ class Broker:
         self._events: list[tuple[bytes, dict[str, Any]]] = []
         self._logs: list[tuple[str, str, dict[str, Any]]] = []
         self._dirty: set[str] = set()
+        # Repositories whose restored claim index is still being built.
+        self._warming: set[str] = set()
         self._failpoints = _parse_failpoints(os.environ.get(FAILPOINTS_ENV, ""))
         self._stopping = False
         self.security = _security(config)
@@ -166,6 +170,7 @@ class Broker:
             for session in state.sessions:
                 self.session_repo[session.sid] = repo
         self.facts.restore()
+        self._warming = set(self.tables)
         self._replies.clear()
         since = now.wall - self.config.request_memory_s
         for key, reply in self.store.load_requests(since).items():
@@ -296,6 +301,8 @@ class Broker:
             wake_w.close()
 
     def _poll_timeout(self, next_heartbeat: float) -> int:
+        if self._warming:
+            return 0
         now = self.clock.monotonic()
         due = next_heartbeat
         wall = self.clock.wall()
@@ -331,11 +338,17 @@ class Broker:
             self._checkpoint()
 
     def _idle(self) -> None:
-        """Work left for a quiet moment: the store's log, restored indexes."""
+        """Work left for a quiet moment: the store's log, restored indexes.
+
+        Indexes are built a slice at a time, so that a request arriving
+        meanwhile waits for one slice, not for all of them.
+        """
         if self.store is not None and self.store.commits:
             self._checkpoint()
-        for table in self.tables.values():
-            table.view.warm()
+        for repo in list(self._warming):
+            table = self.tables.get(repo)
+            if table is None or table.view.warm(WARM_SLICE):
+                self._warming.discard(repo)
 
     def _checkpoint(self) -> None:
         """Copy the store's log back now that this turn's replies are out."""
