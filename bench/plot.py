@@ -62,9 +62,7 @@ def _round_trips(plt: Any, doc: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3))
     _bars(ax, doc, names, labels)
     ax.set_xlabel("round trip p50, µs (split placement; bars: p25–p75)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _targets(plt: Any, doc: dict[str, Any], path: Path) -> None:
@@ -86,13 +84,11 @@ def _targets(plt: Any, doc: dict[str, Any], path: Path) -> None:
     ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel("share of the target (≥ 1: met; log scale)")
     ax.invert_yaxis()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _claims_held(plt: Any, doc: dict[str, Any], path: Path) -> None:
-    figures, spread = doc["figures"], doc["spread"]
+    figures = doc["figures"]
     sizes = [
         (10, "10"),
         (100, "100"),
@@ -114,23 +110,17 @@ def _claims_held(plt: Any, doc: dict[str, Any], path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 3.2))
     for label, points in series:
-        xs = [n for n, _ in points]
-        ys = [figures[name] for _, name in points]
-        low = [figures[name] - spread[name][0] for _, name in points]
-        high = [spread[name][1] - figures[name] for _, name in points]
-        ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, label=label)
+        _errorbar(ax, doc, points, label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("claims held")
     ax.set_ylabel("p50, µs (in process)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def _sessions(plt: Any, doc: dict[str, Any], path: Path) -> None:
-    figures, spread = doc["figures"], doc["spread"]
+    figures = doc["figures"]
     prefix = "claim_release_per_s_sessions_"
     names = {int(k.removeprefix(prefix)): k for k in figures if k.startswith(prefix)}
     if "claim_release_per_s" in figures:
@@ -138,17 +128,30 @@ def _sessions(plt: Any, doc: dict[str, Any], path: Path) -> None:
     if len(names) < 2:
         return
     xs = sorted(names)
-    ys = [figures[names[n]] for n in xs]
-    low = [figures[names[n]] - spread[names[n]][0] for n in xs]
-    high = [spread[names[n]][1] - figures[names[n]] for n in xs]
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3)
+    _errorbar(ax, doc, [(n, names[n]) for n in xs])
     ax.set_xscale("log")
     ax.set_xticks(xs, [str(n) for n in xs])
     ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_ylim(bottom=0)
     ax.set_xlabel("SDK sessions, claiming and releasing their own files")
     ax.set_ylabel("pairs per second")
+    _save(plt, fig, path)
+
+
+def _errorbar(
+    ax: Any, doc: dict[str, Any], points: list[tuple[int, str]], **style: Any
+) -> None:
+    """One series of (x, figure name) with its p25–p75 spread as bars."""
+    figures, spread = doc["figures"], doc["spread"]
+    ys = [figures[name] for _, name in points]
+    low = [figures[name] - spread[name][0] for _, name in points]
+    high = [spread[name][1] - figures[name] for _, name in points]
+    xs = [x for x, _ in points]
+    ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, **style)
+
+
+def _save(plt: Any, fig: Any, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -13,7 +13,7 @@ import pytest
 
 from fleetbus.broker import facts as broker_facts
 from fleetbus.broker.facts import FactStore, StoredFacts, StoredHeads
-from fleetbus.broker.store import SCHEMA_VERSION, Store
+from fleetbus.broker.store import SCHEMA_VERSION, RepoState, Store
 from fleetbus.facts import Fact, FactLimits, FactTable
 from fleetbus.scope import parse_scope
 from fleetbus.sequence import Sequence
@@ -29,17 +29,28 @@ def test_take_changed_returns_only_heads_moved_since_last_call() -> None:
     assert sequence.take_changed() == {}
 
 
-def test_heads_saved_piecemeal_are_all_loaded(tmp_path: Path) -> None:
-    store = Store(tmp_path / "db.sqlite")
+def _saved_and_loaded(path: Path, batches: list[tuple[str, ...]]) -> RepoState:
+    """Stamp the streams of each batch and commit it; then load the store anew."""
+    store = Store(path)
     sequence = Sequence()
-    for stream in ("claims", "facts/a", "facts/b", "facts/a"):
-        sequence.stamp(stream, {})
+    for batch in batches:
+        for stream in batch:
+            sequence.stamp(stream, {})
         store.begin()
         store.save_sequence("git:r", sequence.seq, sequence.take_changed())
         store.commit()
     store.close()
+    again = Store(path)
+    try:
+        return again.load()["git:r"]
+    finally:
+        again.close()
 
-    state = Store(tmp_path / "db.sqlite").load()["git:r"]
+
+def test_heads_saved_piecemeal_are_all_loaded(tmp_path: Path) -> None:
+    batches = [("claims",), ("facts/a",), ("facts/b",), ("facts/a",)]
+
+    state = _saved_and_loaded(tmp_path / "db.sqlite", batches)
 
     assert state.seq == 4
     assert state.heads == {"claims": 1, "facts/a": 4, "facts/b": 3}
@@ -47,16 +58,9 @@ def test_heads_saved_piecemeal_are_all_loaded(tmp_path: Path) -> None:
 
 def test_load_leaves_fact_stream_heads_in_the_store(tmp_path: Path) -> None:
     """Heads before and after the ``facts:`` streams load; those streams do not."""
-    store = Store(tmp_path / "db.sqlite")
-    sequence = Sequence()
-    for stream in ("claims", "facts:src/a.py", "facts:src/b.py", "~z", "a"):
-        sequence.stamp(stream, {})
-    store.begin()
-    store.save_sequence("git:r", sequence.seq, sequence.take_changed())
-    store.commit()
-    store.close()
+    streams = ("claims", "facts:src/a.py", "facts:src/b.py", "~z", "a")
 
-    state = Store(tmp_path / "db.sqlite").load()["git:r"]
+    state = _saved_and_loaded(tmp_path / "db.sqlite", [streams])
 
     assert state.heads == {"a": 5, "claims": 1, "~z": 4}
 
