@@ -57,6 +57,44 @@ def echo(url: str) -> None:
         ctx.term()
 
 
+def relay(url: str, pub_url: str, topic: str) -> None:
+    """A ROUTER that acknowledges every request and publishes it, doing no work.
+
+    Each wake-up it drains what is ready, answers each request with a constant
+    ``ok`` and publishes the request's bytes under ``topic`` (hex): the fact
+    path of a broker with nothing to decode, check or store.
+    """
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    pub = ctx.socket(zmq.PUB)
+    for sock in (router, pub):
+        sock.setsockopt(zmq.LINGER, 0)
+    pub.setsockopt(zmq.SNDHWM, 0)
+    router.bind(url)
+    pub.bind(pub_url)
+    say(ready=True)
+    ok, prefix = b'{"ok":true}', bytes.fromhex(topic)
+    deadline = time.monotonic() + MAX_LIFE_S
+    try:
+        while time.monotonic() < deadline:
+            if not router.poll(1000):
+                continue
+            batch = []
+            for _ in range(256):
+                try:
+                    batch.append(router.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+            for ident, _frame in batch:
+                router.send_multipart([ident, ok])
+            for _ident, frame in batch:
+                pub.send_multipart([prefix, frame])
+    finally:
+        router.close(linger=0)
+        pub.close(linger=0)
+        ctx.term()
+
+
 def proxy(front: str, back: str) -> None:
     """``zmq.proxy`` between an XSUB (publishers) and an XPUB (subscribers)."""
     ctx = zmq.Context()
@@ -144,6 +182,7 @@ def _count_burst(
 COMMANDS: dict[str, Callable[..., None]] = {
     "echo": echo,
     "proxy": proxy,
+    "relay": relay,
     "zsub": zsub,
 }
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from bench.children import say
 from fleetbus.client.session import AsyncSession
+from fleetbus.client.transport import ZmqTransport
 from fleetbus.repo import RepoInfo
 
 
@@ -68,4 +69,71 @@ async def _pairs(session: AsyncSession, worker: int, end: float) -> int:
     return done
 
 
-CHILD_COMMANDS = {"claimers": claimers}
+def echo_claimers(url: str, first: str, count: str, seconds: str) -> None:
+    """The ``claimers`` load against an echo, through the SDK's own transport.
+
+    ``count`` tasks share one :class:`ZmqTransport`, as a process's sessions
+    share one connection; each sends a claim, awaits its echo, sends a
+    release and awaits that. What it reaches bounds what any broker can give
+    this client shape on this machine.
+    """
+    start_at, duration = (float(x) for x in seconds.split(":"))
+    asyncio.run(_echo_claimers(url, int(first), int(count), start_at, duration))
+
+
+async def _echo_claimers(
+    url: str, first: int, count: int, start_at: float, duration: float
+) -> None:
+    transport = ZmqTransport(url)
+    loop = asyncio.get_running_loop()
+    waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+
+    def deliver(reply: dict[str, Any]) -> None:
+        future = waiting.pop(reply["rid"], None)
+        if future is not None:
+            future.set_result(reply)
+
+    async def exchange(message: dict[str, Any]) -> None:
+        future = waiting[message["rid"]] = loop.create_future()
+        transport.send(message)
+        await future
+
+    async def pairs(worker: int, end: float) -> int:
+        done = 0
+        sid = f"w{worker}"
+        while time.monotonic() < end:
+            scope = f"{sid}/file{done % 64}.py"
+            await exchange(
+                {
+                    "op": "claim",
+                    "rid": f"{sid}c{done}",
+                    "sid": sid,
+                    "scopes": [scope],
+                    "mode": "exclusive",
+                    "intent": "",
+                }
+            )
+            await exchange(
+                {
+                    "op": "release",
+                    "rid": f"{sid}r{done}",
+                    "sid": sid,
+                    "grant": f"g{done}",
+                }
+            )
+            done += 1
+        return done
+
+    transport.on_replies(deliver)
+    try:
+        await exchange({"op": "ping", "rid": f"ready{first}"})
+        say(ready=True)
+        await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+        end = start_at + duration
+        done = await asyncio.gather(*(pairs(first + i, end) for i in range(count)))
+        say(pairs=sum(done), window=time.monotonic() - start_at)
+    finally:
+        transport.close()
+
+
+CHILD_COMMANDS = {"claimers": claimers, "echo-claimers": echo_claimers}

@@ -40,13 +40,31 @@ def run_pairs(ctx: Run) -> None:
     sweep_s = ctx.scale(1, 3)
     sweep = SWEEP[:2] if ctx.quick else SWEEP
     rates: list[float] = []
+    echoed: list[float] = []
     swept: dict[int, list[float]] = {n: [] for n in sweep}
+    echo_url = f"ipc://{folder}/echo.sock"
     with Broker(folder) as broker:
-        for _ in range(ctx.reps):
-            rates.append(_pairs_once(broker, folder, seconds, PAIR_SESSIONS))
-            for sessions in sweep:
-                swept[sessions].append(_pairs_once(broker, folder, sweep_s, sessions))
+        echo = bench_child("echo", echo_url)
+        try:
+            echo.read()
+            for _ in range(ctx.reps):
+                rates.append(_pairs_once(broker, folder, seconds, PAIR_SESSIONS))
+                echoed.append(_echo_pairs_once(echo_url, seconds, PAIR_SESSIONS))
+                for sessions in sweep:
+                    swept[sessions].append(
+                        _pairs_once(broker, folder, sweep_s, sessions)
+                    )
+        finally:
+            echo.stop()
     ctx.report.add("claim_release_per_s", rates, "/s")
+    ctx.report.add("echo_claim_release_per_s", echoed, "/s")
+    ctx.report.ratio("claim_release_echo_ratio", rates, echoed)
+    ctx.report.note(
+        "echo_claim_release_per_s",
+        f"the same {PAIR_SESSIONS} tasks in {PAIR_PROCESSES} processes through the "
+        "SDK's transport, against an echo ROUTER instead of the broker: the most "
+        "any broker could give this client shape here",
+    )
     ctx.report.note(
         "claim_release_per_s",
         f"{PAIR_SESSIONS} AsyncSessions (replica on) in {PAIR_PROCESSES} processes, "
@@ -63,6 +81,15 @@ def run_pairs(ctx: Run) -> None:
 
 
 def _pairs_once(broker: Broker, folder: Any, seconds: float, sessions: int) -> float:
+    return _load(["claimers", broker.url, str(folder / "repo")], seconds, sessions)
+
+
+def _echo_pairs_once(url: str, seconds: float, sessions: int) -> float:
+    return _load(["echo-claimers", url], seconds, sessions)
+
+
+def _load(command: list[str], seconds: float, sessions: int) -> float:
+    """Pairs per second of ``sessions`` split over the children ``command`` runs."""
     processes = min(sessions, PAIR_PROCESSES)
     shares = [
         sessions // processes + (n < sessions % processes) for n in range(processes)
@@ -70,14 +97,7 @@ def _pairs_once(broker: Broker, folder: Any, seconds: float, sessions: int) -> f
     firsts = [sum(shares[:n]) for n in range(processes)]
     start_at = time.monotonic() + 2.0 + 0.05 * sessions
     children = [
-        bench_child(
-            "claimers",
-            broker.url,
-            str(folder / "repo"),
-            str(first),
-            str(share),
-            f"{start_at}:{seconds}",
-        )
+        bench_child(*command, str(first), str(share), f"{start_at}:{seconds}")
         for first, share in zip(firsts, shares, strict=True)
     ]
     try:
@@ -99,25 +119,46 @@ def run_facts(ctx: Run) -> None:
     folder = ctx.folder("facts")
     per_publisher = ctx.scale(2_000, 10_000)
     limit_s = ctx.scale(60, 180)
-    delivered, acked = [], []
+    delivered, acked, relayed = [], [], []
+    topic = wire.facts_subtree(FACTS_REPO, ())
     with contextlib.ExitStack() as stack:
         zctx = zmq.Context()
         stack.callback(zctx.term)
         broker = stack.enter_context(
             Broker(folder, extra_args=["--facts-max", "10000000"])
         )
-        clients = []
+        relay_url = f"ipc://{folder}/relay.sock"
+        relay = bench_child("relay", relay_url, relay_url + ".pub", topic.hex())
+        stack.callback(relay.stop)
+        relay.read()
+        clients, relay_clients = [], []
         for n in range(PUBLISHERS):
             client = raw.RawClient(zctx, broker.url)
             stack.callback(client.close)
             client.request("hello", **_args(raw.hello(FACTS_REPO, f"p{n}")))
             clients.append(client)
+            relay_clients.append(raw.RawClient(zctx, relay_url))
+            stack.callback(relay_clients[-1].close)
         for _ in range(ctx.reps):
-            rate, ack_rate = _facts_once(broker, clients, per_publisher, limit_s)
+            rate, ack_rate = _facts_once(
+                broker.url + ".pub", clients, per_publisher, limit_s
+            )
             delivered.append(rate)
             acked.append(ack_rate)
+            relayed.append(
+                _facts_once(relay_url + ".pub", relay_clients, per_publisher, limit_s)[
+                    0
+                ]
+            )
     ctx.report.add("facts_per_s", delivered, "/s")
     ctx.report.add("facts_acked_per_s", acked, "/s")
+    ctx.report.add("relay_facts_per_s", relayed, "/s")
+    ctx.report.ratio("facts_relay_ratio", delivered, relayed)
+    ctx.report.note(
+        "relay_facts_per_s",
+        "the same publishers and subscriber through a relay that acknowledges and "
+        "publishes each request without decoding, checking or storing it",
+    )
     ctx.report.note(
         "facts_per_s",
         f"{PUBLISHERS} publishers x {per_publisher:,} facts (raw protocol, window "
@@ -131,11 +172,10 @@ def _args(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def _facts_once(
-    broker: Broker, clients: list[raw.RawClient], count: int, limit_s: float
+    pub_url: str, clients: list[raw.RawClient], count: int, limit_s: float
 ) -> tuple[float, float]:
-    subs = start_subscribers(
-        broker.url + ".pub", wire.facts_subtree(FACTS_REPO, ()), 1, 1, limit_s
-    )
+    """Deliveries and acknowledgements per second of one burst from ``clients``."""
+    subs = start_subscribers(pub_url, wire.facts_subtree(FACTS_REPO, ()), 1, 1, limit_s)
     body = "d" + "x" * 120
     try:
         warm(
