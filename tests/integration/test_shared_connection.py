@@ -13,7 +13,7 @@ import zmq
 
 from fleetbus.client import AsyncSession, connect
 from fleetbus.client.connection import open_connections
-from fleetbus.errors import BadInput, Conflict
+from fleetbus.errors import BadInput, Conflict, LimitExceeded
 from fleetbus.repo import RepoInfo
 from fleetbus.security import CLIENT_KEY_ENV
 from tests.support.brokerproc import BrokerProcess
@@ -526,3 +526,24 @@ async def test_waiting_for_the_head_past_a_lost_last_event_loads_a_snapshot(
     finally:
         for session in (b, a):
             await session.close(leave=False)
+
+
+async def test_an_oversized_request_is_refused_here_and_the_connection_stays(
+    join: Callable[..., Any],
+) -> None:
+    """A request past the broker's message limit is refused before it is sent:
+    the broker would drop the process's shared connection, and the other
+    sessions' requests with it."""
+    big = await join("big")
+    other = await join("other")
+    connection = big._connection
+
+    with pytest.raises(LimitExceeded) as info:
+        await big.claim(*(f"src/f{n:06d}/" + "x" * 200 + ".py" for n in range(25_000)))
+
+    assert info.value.details["limit"] == "message_bytes"
+    assert other._connection is connection
+    assert not connection.pending
+    grant = await asyncio.wait_for(other.claim("src/other.py"), DEADLINE_S)
+    assert grant.claims[0].scope.text == "src/other.py"
+    assert (await asyncio.wait_for(big.claim("src/big.py"), DEADLINE_S)).claims

@@ -16,9 +16,19 @@ from urllib.parse import urlsplit
 import zmq
 
 from fleetbus import log
-from fleetbus.errors import BadInput, BrokerUnavailable, FleetbusError
+from fleetbus.errors import (
+    BadInput,
+    BrokerUnavailable,
+    FleetbusError,
+    LimitExceeded,
+)
 from fleetbus.security import apply_client_curve
-from fleetbus.wire import MAX_BROKER_MESSAGE_BYTES, decode, encode
+from fleetbus.wire import (
+    MAX_BROKER_MESSAGE_BYTES,
+    MAX_MESSAGE_BYTES,
+    decode,
+    encode,
+)
 
 
 def _log() -> Any:
@@ -108,9 +118,20 @@ class ZmqTransport:
         return sock
 
     def send(self, message: dict[str, Any]) -> None:
-        """Queue one request; a full queue drops it, as a lost packet would."""
+        """Queue one request; a full queue drops it, as a lost packet would.
+
+        A request the broker would refuse for its size raises
+        :class:`LimitExceeded` here: past a bound the broker drops the whole
+        connection, which the process's other sessions share.
+        """
+        body = encode(message)
+        if len(body) > MAX_MESSAGE_BYTES:
+            raise LimitExceeded(
+                f"request of {len(body)} bytes exceeds {MAX_MESSAGE_BYTES}",
+                limit="message_bytes",
+            )
         try:
-            self._control.send(encode(message), _NOBLOCK)
+            self._control.send(body, _NOBLOCK)
         except zmq.Again:
             _log().debug("request.dropped", rid=message.get("rid"))
         except zmq.ZMQError as exc:
