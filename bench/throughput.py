@@ -25,6 +25,9 @@ PAIR_SESSIONS = 20
 PAIR_PROCESSES = 2
 #: Session counts of the throughput-against-sessions sweep (quick: the first two).
 SWEEP = (1, 5, 50)
+#: The children of a load start together this long (plus 50 ms a session) after
+#: they are launched, all of them ready by then.
+START_S = 0.5
 PUBLISHERS = 10
 FACTS_REPO = "bench:facts"
 
@@ -95,7 +98,7 @@ def _load(command: list[str], seconds: float, sessions: int) -> float:
         sessions // processes + (n < sessions % processes) for n in range(processes)
     ]
     firsts = [sum(shares[:n]) for n in range(processes)]
-    start_at = time.monotonic() + 2.0 + 0.05 * sessions
+    start_at = time.monotonic() + START_S + 0.05 * sessions
     children = [
         bench_child(*command, str(first), str(share), f"{start_at}:{seconds}")
         for first, share in zip(firsts, shares, strict=True)
@@ -103,6 +106,8 @@ def _load(command: list[str], seconds: float, sessions: int) -> float:
     try:
         for child in children:
             child.read()
+        if time.monotonic() > start_at:
+            raise RuntimeError("the load's processes were not ready by its start")
         reports = [child.read(timeout=seconds + 60) for child in children]
     finally:
         for child in children:
