@@ -129,7 +129,12 @@ def _sessions(plt: Any, doc: dict[str, Any], path: Path) -> None:
         return
     xs = sorted(names)
     fig, ax = plt.subplots(figsize=(7, 3.2))
-    _errorbar(ax, doc, [(n, names[n]) for n in xs])
+    _errorbar(ax, doc, [(n, names[n]) for n in xs], label="fleetbus")
+    ceiling = "echo_claim_release_per_s"
+    if ceiling in figures:
+        _errorbar(ax, doc, [(20, ceiling)], label="same client, echo for a broker")
+        ax.axhline(20_000, color="grey", linestyle=":", label="target at 20 sessions")
+        ax.legend()
     ax.set_xscale("log")
     ax.set_xticks(xs, [str(n) for n in xs])
     ax.xaxis.set_minor_formatter(plt.NullFormatter())
