@@ -1311,3 +1311,37 @@ def test_an_older_sidecar_gets_the_full_hook(bench: Bench) -> None:
     assert (hooked.code, hooked.out, hooked.err, hooked.fast) == (0, b"", "", False)
     assert old.lines[0].startswith(b"fleetbus-hook/1 claude-code ")
     assert json.loads(old.lines[-1])["op"] == "pre_edit"
+
+
+def test_a_broker_gone_after_the_join_stalls_one_edit_not_each(
+    bench: Bench, broker: BrokerProcess
+) -> None:
+    """The broker dies under a joined sidecar: the first edit waits out the
+    request timeout and fails open; the next ones wait only for a broker that
+    came back; once it is back, an edit claims again."""
+    a = bench.agent("sess-a")
+    assert bench.edit(a, str(bench.repo / "a.py")).decision is None
+    assert bench.held_by("sess-a") == ["a.py"]
+
+    broker.kill()
+    slow = bench.edit(a, str(bench.repo / "b.py"))
+    fast = bench.edit(a, str(bench.repo / "src" / "c.py"))
+
+    for hooked in (slow, fast):
+        assert hooked.code == 0
+        assert hooked.decision is None
+        assert hooked.answer is not None
+        assert "fleetbus" in hooked.answer["systemMessage"]
+    assert fast.seconds < slow.seconds
+    log = "".join(map(_read, (bench.run_dir / "fleetbus").glob("sc-*.log")))
+    assert log.count("sidecar.broker_away") == 1
+
+    broker.start()
+    # A path not edited while the broker was away: a request the sidecar gave
+    # up on may still reach the broker once it is back.
+    deadline = time.monotonic() + 30
+    while "d.py" not in bench.held_by("sess-a"):
+        assert time.monotonic() < deadline, "no edit claimed after the restart"
+        assert bench.edit(a, str(bench.repo / "d.py")).decision is None
+    log = "".join(map(_read, (bench.run_dir / "fleetbus").glob("sc-*.log")))
+    assert "sidecar.broker_back" in log

@@ -76,6 +76,10 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 # The SDK's per-request patience: short, since a hook is waiting on it.
 REQUEST_TIMEOUT_S = 2.0
+# The patience once a request has gone unanswered and nothing has been heard
+# from the broker since: enough for a broker that is back, not a stall per edit
+# for one that is still away.
+AWAY_TIMEOUT_S = 0.25
 # A hook waits this long for a sidecar that is still joining the fleet; past
 # it, the hook fails open (or closed) rather than stall the agent. A little
 # longer than the first join attempt's own timeout, so that the hook reports
@@ -117,6 +121,8 @@ class Sidecar:
         self._stopping = asyncio.Event()
         self._left = False
         self._problem = "the sidecar is still joining the fleet"
+        # When a request to the broker last went unanswered (loop clock).
+        self._unanswered_at: float | None = None
         self._dirty: dict[str, tuple[str, int, int]] | None = None
         self._ops: dict[str, Handler] = {
             "ping": self._ping,
@@ -262,21 +268,57 @@ class Sidecar:
         return await self.answer_request(request)
 
     async def answer_request(self, request: Any) -> dict[str, Any]:
-        """The reply to one request, decoded."""
+        """The reply to one request, decoded.
+
+        Once a request has gone unanswered, the next ones wait only
+        :data:`AWAY_TIMEOUT_S` for the broker until it is heard from again,
+        so that a broker that went away stalls one edit, not every edit.
+        """
+        session = self.session
+        if session is not None:
+            session.timeout = (
+                AWAY_TIMEOUT_S if self._broker_away(session) else REQUEST_TIMEOUT_S
+            )
         try:
             if not isinstance(request, dict):
                 raise ProtocolError("a request is one JSON object")
             handler = self._ops.get(str(request.get("op")))
             if handler is None:
                 raise ProtocolError(f"unknown op {request.get('op')!r}")
-            return {"ok": True, **await handler(request)}
+            reply = {"ok": True, **await handler(request)}
+            if session is not None and self._unanswered_at is not None:
+                self._broker_away(session)
+            return reply
         except ValueError:
             return _error(ProtocolError("a request is one line of JSON"))
+        except BrokerUnavailable as exc:
+            if session is not None and session is self.session:
+                self._went_unanswered(session, exc)
+            return _error(exc)
         except FleetbusError as exc:
             return _error(exc)
         except Exception as exc:
             _log.exception("sidecar.op_failed")
             return _error(FleetbusError(f"the sidecar failed: {exc!r}"))
+        finally:
+            if session is not None:
+                session.timeout = REQUEST_TIMEOUT_S
+
+    def _broker_away(self, session: AsyncSession) -> bool:
+        """Whether a request went unanswered and no reply has come since."""
+        since = self._unanswered_at
+        if since is None:
+            return False
+        if session.replied_at > since:
+            self._unanswered_at = None
+            _log.info("sidecar.broker_back", sid=self.session_id)
+            return False
+        return True
+
+    def _went_unanswered(self, session: AsyncSession, exc: BrokerUnavailable) -> None:
+        if not self._broker_away(session):
+            _log.warning("sidecar.broker_away", sid=self.session_id, error=exc.message)
+        self._unanswered_at = asyncio.get_running_loop().time()
 
     async def _hook_request(self, line: bytes, reader: asyncio.StreamReader) -> bytes:
         """The reply to a hook's framed event, whose first line is ``line``."""

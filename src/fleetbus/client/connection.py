@@ -102,6 +102,8 @@ class Connection:
         self._events: asyncio.Task[None] | None = None
         self._ticker: asyncio.TimerHandle | None = None
         self.closed = False
+        self.replied_at = 0.0
+        """When a reply last came in, on the event loop's clock (0: never)."""
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -250,6 +252,7 @@ class Connection:
 
     def on_reply(self, reply: dict[str, Any]) -> None:
         """Hand one reply to the request waiting for it."""
+        self.replied_at = self.loop.time()
         pending = self.pending.get(reply.get("rid"))  # type: ignore[arg-type]
         if pending is None:
             if reply.get("rid") is None:

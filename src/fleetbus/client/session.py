@@ -520,6 +520,13 @@ class AsyncSession(FactsMixin):
         return {**state, "head": head, "epoch": self.epoch}
 
     @property
+    def replied_at(self) -> float:
+        """When the broker last answered on this session's connection, any
+        session's request, on the event loop's clock (``loop.time()``); 0 if
+        it never has."""
+        return self._connection.replied_at
+
+    @property
     def applied(self) -> int:
         """The ``seq`` of the last claims-stream event applied to the replica."""
         return self._shared.applied
