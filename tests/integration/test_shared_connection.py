@@ -11,6 +11,7 @@ import orjson
 import pytest
 import zmq
 
+from fleetbus import wire
 from fleetbus.client import AsyncSession, connect
 from fleetbus.client.connection import open_connections
 from fleetbus.errors import BadInput, Conflict, LimitExceeded
@@ -547,3 +548,45 @@ async def test_an_oversized_request_is_refused_here_and_the_connection_stays(
     grant = await asyncio.wait_for(other.claim("src/other.py"), DEADLINE_S)
     assert grant.claims[0].scope.text == "src/other.py"
     assert (await asyncio.wait_for(big.claim("src/big.py"), DEADLINE_S)).claims
+
+
+async def test_subscriptions_go_with_the_sessions_that_made_them(
+    join: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A repository's claims stream and a session's fact scopes stay subscribed
+    while some session on the connection needs them, and no longer."""
+    other_root = tmp_path / "other"
+    (other_root / "src").mkdir(parents=True)
+    other = RepoInfo(id=f"path:{other_root}", root=other_root, branch=None)
+    keeper = await join("keeper")
+    transport = keeper._connection.transport
+    before = transport.topics
+
+    a = await join("a", repo=other)
+    b = await join("b", repo=other)
+    await a.subscribe("src/a.py")
+    await b.subscribe("src/a.py", "src/b/")
+    claims_topic = wire.claims_topic(other.id)
+    added = {t: n for t, n in transport.topics.items() if t not in before}
+    assert added[claims_topic] == 3  # a, b and their shared replica
+    facts_topics = [t for t in added if t != claims_topic]
+    assert facts_topics
+    assert all(t.startswith(wire.FACTS_KIND) for t in facts_topics)
+
+    await a.close()
+    assert transport.topics[claims_topic] == 2
+    assert set(transport.topics) == set(before) | set(added)
+    await b.close()
+
+    assert transport.topics == before
+    again = await join("again", repo=other)
+    writer = await join("writer", repo=other, replica=False)
+    await again.subscribe("src/")
+    events = again.fact_events()
+    published = await writer.publish("src/a.py", text="back")
+    event = await asyncio.wait_for(anext(events), DEADLINE_S)
+    grant = await writer.claim("src/c.py")
+    await again.wait_synced()
+
+    assert event.id == published.id
+    assert [row.grant for row in again.holders("src/c.py")] == [grant.id]

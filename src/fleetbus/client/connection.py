@@ -143,12 +143,17 @@ class Connection:
         """Subscribe to ``repo``'s claims stream; its topic.
 
         Subscribing ahead of a join gives the subscription a round trip's
-        start on the join's own event. Subscriptions stay: a replica made
-        again later finds its topic subscribed.
+        start on the join's own event. Each call is undone by one
+        :meth:`unfollow`; the subscription goes with the last.
         """
         topic = wire.claims_topic(repo)
         self.transport.subscribe(topic)
         return topic
+
+    def unfollow(self, repo: str) -> None:
+        """Undo one :meth:`follow` of ``repo``."""
+        if not self.closed:
+            self.transport.unsubscribe(wire.claims_topic(repo))
 
     def forget(self, replica: Replica) -> None:
         """Stop feeding ``replica``: its last session has gone."""
@@ -157,6 +162,7 @@ class Connection:
         del self.replicas[replica.repo]
         del self._by_topic[wire.claims_topic(replica.repo)]
         del self._by_repo[replica.repo.encode()]
+        self.unfollow(replica.repo)
 
     def close(self) -> None:
         """Stop reading and close the sockets, failing whatever still waits."""

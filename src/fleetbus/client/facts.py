@@ -32,6 +32,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fleetbus import log
+from fleetbus.client.connection import SessionClosed
 from fleetbus.errors import BadInput, FleetbusError
 from fleetbus.facts import Fact, FactEvent, FactFeed
 from fleetbus.repo import RepoInfo, resolve_scope
@@ -63,6 +64,8 @@ class _FactsState:
         # live or fetched; None until a scope is followed.
         self.synced: int | None = None
         self.checking = False
+        # The SUB prefixes this session subscribed, undone when it closes.
+        self.prefixes: list[bytes] = []
 
 
 class FactsMixin:
@@ -303,12 +306,15 @@ class FactsMixin:
     async def _facts_follow(
         self, state: _FactsState, scopes: list[Scope]
     ) -> list[Fact]:
+        if self._closed:
+            raise SessionClosed("the session is closed")
         added, prefixes = state.feed.follow(scopes)
         if not added:
             return []
         state.buffering += 1
         try:
             for prefix in prefixes:
+                state.prefixes.append(prefix)
                 self._transport.subscribe(prefix)
             facts, at = await self._facts_fetch([s.text for s in added], since=None)
             state.feed.tracker.subscribed(prefixes, at)
@@ -402,9 +408,12 @@ class FactsMixin:
                     _log.exception("facts.callback_failed", sid=self.sid)
 
     def _facts_close(self) -> None:
-        """End every :meth:`fact_events` iterator."""
+        """End every :meth:`fact_events` iterator; drop the subscriptions."""
         state = self._facts_state
         if state is not None:
+            prefixes, state.prefixes = state.prefixes, []
+            for prefix in prefixes:
+                self._transport.unsubscribe(prefix)
             for queue in state.queues:
                 queue.put_nowait(None)
 

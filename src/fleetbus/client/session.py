@@ -153,6 +153,8 @@ class AsyncSession(FactsMixin):
         self._callbacks: list[EventCallback] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._heartbeats: asyncio.Task[None] | None = None
+        # Whether this session holds a subscription to its claims stream.
+        self._following = False
         self._closed = False
 
     def __repr__(self) -> str:
@@ -216,6 +218,7 @@ class AsyncSession(FactsMixin):
         self._connection.attach(self)
         if self._replica:
             self._connection.follow(self.repo.id)
+            self._following = True
         await self._join()
         if self._replica:
             self._shared = self._connection.replica(self.repo.id)
@@ -296,12 +299,15 @@ class AsyncSession(FactsMixin):
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
+        if self._following:
+            self._following = False
+            self._connection.unfollow(self.repo.id)
+        self._facts_close()
         if self._replica:
             self._shared.detach(self)
         self._connection.detach(self)
         for queue in self._queues:
             queue.put_nowait(None)
-        self._facts_close()
         for waiter in self._synced_waiters:
             if not waiter.done():
                 waiter.set_exception(SessionClosed("the session was closed"))

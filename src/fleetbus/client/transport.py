@@ -63,7 +63,14 @@ class Transport(Protocol):
         """Connect the event channel to what the ``hello`` reply named."""
 
     def subscribe(self, topic: bytes) -> None:
-        """Receive events whose topic starts with ``topic``."""
+        """Receive events whose topic starts with ``topic``.
+
+        Subscriptions are counted: each must be undone by one
+        :meth:`unsubscribe`, and the topic is dropped with the last.
+        """
+
+    def unsubscribe(self, topic: bytes) -> None:
+        """Undo one :meth:`subscribe` of ``topic``."""
 
     async def events(self) -> list[Event]:
         """Wait until at least one event is in, then return every ready one."""
@@ -99,7 +106,8 @@ class ZmqTransport:
         self.url = url
         self._ctx = context or zmq.Context.instance()
         self._pub: str | None = None
-        self._topics: list[bytes] = []
+        # Subscribed topics, with how many subscribe calls each has left.
+        self._topics: dict[bytes, int] = {}
         try:
             self._control = self._socket(zmq.DEALER)
             self._control.setsockopt(zmq.SNDHWM, _SEND_QUEUE)
@@ -158,11 +166,28 @@ class ZmqTransport:
         self._events_in.recheck()
 
     def subscribe(self, topic: bytes) -> None:
-        """Subscribe the SUB to a topic prefix."""
-        if topic not in self._topics:
+        """Subscribe the SUB to a topic prefix, or count one more user of it."""
+        count = self._topics.get(topic, 0)
+        self._topics[topic] = count + 1
+        if not count:
             self._events.setsockopt(zmq.SUBSCRIBE, topic)
-            self._topics.append(topic)
             self._events_in.recheck()
+
+    def unsubscribe(self, topic: bytes) -> None:
+        """Count one user of a topic prefix fewer; drop it with the last."""
+        count = self._topics.get(topic, 0)
+        if count > 1:
+            self._topics[topic] = count - 1
+        elif count == 1:
+            del self._topics[topic]
+            if not self._events.closed:
+                self._events.setsockopt(zmq.UNSUBSCRIBE, topic)
+                self._events_in.recheck()
+
+    @property
+    def topics(self) -> dict[bytes, int]:
+        """Each subscribed topic prefix with its count of users."""
+        return dict(self._topics)
 
     async def events(self) -> list[Event]:
         """The next events and every other one already in."""
