@@ -158,12 +158,18 @@ def rss_bytes(pid: int) -> int:
 
 def ping(url: str, timeout_s: float = 0.2) -> dict[str, Any] | None:
     """One ping to the broker at ``url``; its reply, or None."""
+    return ask(url, "ping", timeout_s)
+
+
+def ask(url: str, op: str, timeout_s: float = 0.2) -> dict[str, Any] | None:
+    """One request ``op`` without a session to the broker at ``url``; its
+    reply, or None."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(url)
-        sock.send(orjson.dumps({"op": "ping", "rid": "ping"}))
+        sock.send(orjson.dumps({"op": op, "rid": op}))
         if sock.poll(int(timeout_s * 1000)):
             reply: dict[str, Any] = orjson.loads(sock.recv())
             return reply

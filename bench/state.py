@@ -18,7 +18,7 @@ import zmq
 
 from bench import raw
 from bench.context import Run
-from bench.harness import Broker, rss_bytes
+from bench.harness import Broker, ask, rss_bytes
 from bench.local import probe_paths, scope_text
 from bench.sessions import open_session
 from bench.stats import quantile
@@ -160,6 +160,18 @@ async def _join_once(broker: Broker, folder: Path, claims: int) -> tuple[float, 
     return took, quantile(times, 0.5)
 
 
+def _wait_indexed(broker: Broker, limit_s: float = 60.0) -> None:
+    """Wait until a restarted broker has built every repository's index."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        status = ask(broker.url, "status", 1.0)
+        repos = (status or {}).get("repos", {})
+        if status is not None and not any(r.get("indexing") for r in repos.values()):
+            return
+        time.sleep(0.01)
+    raise TimeoutError("the restarted broker did not finish its index in time")
+
+
 def run_memory(ctx: Run) -> None:
     """Broker RSS with a large state, and a restart with it."""
     size = (
@@ -170,6 +182,7 @@ def run_memory(ctx: Run) -> None:
     folder = ctx.folder("mem")
     report = ctx.report
     restarts: list[float] = []
+    indexed: list[float] = []
     with contextlib.ExitStack() as stack:
         broker = _broker(folder, size)
         stack.callback(broker.stop)
@@ -179,8 +192,11 @@ def run_memory(ctx: Run) -> None:
         rss = rss_bytes(broker.pid)
         for _ in range(ctx.reps):
             broker.stop()
+            began = time.perf_counter()
             broker.start()
             restarts.append(broker.started_in_s)
+            _wait_indexed(broker)
+            indexed.append(time.perf_counter() - began)
         restored = rss_bytes(broker.pid)
     scale = "" if not ctx.quick else " (quick run: scaled down from 1,000 sessions, "
     scale += "100,000 claims, 1,000,000 facts)" if ctx.quick else ""
@@ -188,7 +204,17 @@ def run_memory(ctx: Run) -> None:
     report.note("broker_rss_mib", f"VmRSS after building {_built(size, built)}{scale}")
     report.add("broker_rss_empty_mib", [empty / MIB], "MiB")
     report.add("broker_rss_restored_mib", [restored / MIB], "MiB")
+    report.note(
+        "broker_rss_restored_mib",
+        "VmRSS after the last restart, once the restored index is built",
+    )
     report.add("restart_s", restarts, "s")
+    report.add("restart_indexed_s", indexed, "s")
+    report.note(
+        "restart_indexed_s",
+        "SIGTERM, then a new broker process until its status says no repository "
+        "is still building its index",
+    )
     report.note(
         "restart_s",
         f"SIGTERM, then a new broker process until it answers a ping, with "

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
 from fleetbus.broker import server
@@ -38,6 +40,13 @@ def _claim(broker: Broker, sid: str, texts: list[str], rid: str) -> None:
     broker._absorb(REPO, outcome)
 
 
+def _status(broker: Broker) -> dict[str, Any]:
+    broker._on_status(b"peer", "st", {"op": "status", "rid": "st"})
+    _ident, _rid, body = broker._outbox.pop()
+    reply: dict[str, Any] = orjson.loads(body)
+    return reply
+
+
 def test_restored_index_is_built_a_slice_per_idle_moment(
     short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -57,6 +66,7 @@ def test_restored_index_is_built_a_slice_per_idle_moment(
     broker = _broker(short_tmp)
     try:
         assert broker._warming == {REPO}
+        assert _status(broker)["repos"][REPO]["indexing"] is True
         slices = 0
         while broker._warming:
             assert broker._poll_timeout(broker.clock.monotonic() + 1.0) == 0
@@ -64,6 +74,7 @@ def test_restored_index_is_built_a_slice_per_idle_moment(
             slices += 1
         assert slices == PATHS // 10
         assert broker._poll_timeout(broker.clock.monotonic() + 1.0) > 0
+        assert _status(broker)["repos"][REPO]["indexing"] is False
 
         broker._table(REPO).join(
             "s2", "two", {}, leased=True, lease_s=600.0, now=broker._now()

@@ -756,6 +756,7 @@ class Broker:
                 "claims": len(table.view.claims()),
                 "waiters": len(table.view.waiters),
                 "seq": self.sequences[repo].seq,
+                "indexing": repo in self._warming,
             }
             for repo, table in self.tables.items()
             if self.may_read(repo)

@@ -60,9 +60,12 @@ def render_status(state: dict[str, Any], *, now: float, width: int) -> list[str]
     ]
     if not state["repos"]:
         lines.append("no repository has sessions or claims")
+    figures = broker.get("repos") or {}
     for repo, tables in state["repos"].items():
         lines.append("")
-        lines.append(f"repository {repo} (seq {tables['seq']})")
+        indexing = (figures.get(repo) or {}).get("indexing")
+        note = ", index still building after a restart" if indexing else ""
+        lines.append(f"repository {repo} (seq {tables['seq']}{note})")
         lines.extend(_sessions(tables, now, width))
         lines.extend(_claims(tables, now, width))
         lines.extend(_facts(tables, width))
