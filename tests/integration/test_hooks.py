@@ -1345,3 +1345,29 @@ def test_a_broker_gone_after_the_join_stalls_one_edit_not_each(
         assert bench.edit(a, str(bench.repo / "d.py")).decision is None
     log = "".join(map(_read, (bench.run_dir / "fleetbus").glob("sc-*.log")))
     assert "sidecar.broker_back" in log
+
+
+def test_a_starting_sidecar_removes_files_left_by_sessions_long_gone(
+    bench: Bench,
+) -> None:
+    """Files of a session untouched for over a week, whose locks are free, go;
+    the files of the starting session and recent ones stay."""
+    directory = bench.run_dir / "fleetbus"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    old = time.time() - 8 * 24 * 3600
+    gone = [directory / f"sc-0123456789abcdef.{s}" for s in ("lock", "start", "log")]
+    recent = directory / "sc-fedcba9876543210.log"
+    for path in [*gone, recent]:
+        path.write_text("1\n")
+    for path in gone:
+        os.utime(path, (old, old))
+    a = bench.agent("sess-a")
+
+    assert bench.edit(a, str(bench.repo / "a.py")).decision is None
+
+    assert not any(path.exists() for path in gone)
+    assert recent.exists()
+    assert os.path.exists(hookclient.sidecar_file("sess-a", ".lock"))
+    log = "".join(map(_read, directory.glob("sc-*.log")))
+    assert '"sessions":1' in log
+    assert "sidecar.tidied" in log

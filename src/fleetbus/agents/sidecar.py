@@ -50,6 +50,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
@@ -58,6 +59,7 @@ from fleetbus import log
 from fleetbus.agents import hookclient, hooks
 from fleetbus.agents.bytecode import cache_bytecode
 from fleetbus.agents.hookclient import EXIT_BUSY, HOOK_MAGIC, sidecar_file
+from fleetbus.agents.tidy import prune_sidecar_files
 from fleetbus.claims import Claim
 from fleetbus.client.session import AsyncSession
 from fleetbus.errors import (
@@ -760,6 +762,20 @@ def _hold_lock(path: str) -> IO[str] | None:
     return handle
 
 
+def _tidy(session_id: str) -> None:
+    """Remove the files other sessions' sidecars left long ago (a few stats)."""
+    path = Path(sidecar_file(session_id, ".lock"))
+    try:
+        removed = prune_sidecar_files(
+            path.parent, hookclient.session_key(session_id), now=time.time()
+        )
+    except OSError as exc:
+        _log.warning("sidecar.tidy_failed", error=str(exc))
+        return
+    if removed:
+        _log.info("sidecar.tidied", sessions=len(removed))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a sidecar: ``python -m fleetbus.agents.sidecar --session-id ID ...``."""
     parser = argparse.ArgumentParser(prog="fleetbus-sidecar", description=__doc__)
@@ -783,6 +799,7 @@ def main(argv: list[str] | None = None) -> int:
         written = cache_bytecode()
         if written:
             _log.debug("sidecar.bytecode_written", modules=written)
+        _tidy(args.session_id)
         repo = discover(args.cwd)
         sidecar = Sidecar(
             session_id=args.session_id,
