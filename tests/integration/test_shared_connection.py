@@ -590,3 +590,59 @@ async def test_subscriptions_go_with_the_sessions_that_made_them(
 
     assert event.id == published.id
     assert [row.grant for row in again.holders("src/c.py")] == [grant.id]
+
+
+async def test_a_session_refused_on_rejoin_costs_no_snapshot_per_heartbeat(
+    join: Callable[..., Any], broker: BrokerProcess
+) -> None:
+    """A session the broker will not take back tries again on its own
+    heartbeats; the replica it shares takes no snapshot per heartbeat for it,
+    only one once the session is back."""
+    refused, kept = await join("refused"), await join("kept")
+    stream = kept.events()
+
+    async def refuse() -> None:
+        raise BadInput("not taken back")
+
+    refused._join = refuse  # type: ignore[method-assign]
+    broker.restart()
+    await next_event(stream, lambda e: e["type"] == "resync")
+    replica = kept._shared
+    snapshots = 0
+    take_snapshot = replica._snapshot
+
+    async def counting(sessions: list[AsyncSession]) -> dict[str, Any]:
+        nonlocal snapshots
+        snapshots += 1
+        return await take_snapshot(sessions)
+
+    heartbeats = 0
+    beaten = asyncio.Event()
+    on_event = replica.on_event
+
+    def counting_beats(event: dict[str, Any]) -> None:
+        nonlocal heartbeats
+        on_event(event)
+        if event.get("type") == "heartbeat":
+            heartbeats += 1
+            if heartbeats == 3:
+                beaten.set()
+
+    replica._snapshot = counting  # type: ignore[method-assign]
+    replica.on_event = counting_beats  # type: ignore[method-assign]
+    await asyncio.wait_for(beaten.wait(), DEADLINE_S)
+    grant = await kept.claim("src/a.py")
+    await kept.wait_synced()
+
+    assert snapshots == 0
+    assert not replica.syncing
+    assert [row.grant for row in kept.holders("src/a.py")] == [grant.id]
+
+    # Taken back at last: one snapshot, and the session is current again.
+    back = refused.events()
+    del refused._join
+    await next_event(back, lambda e: e["type"] == "resync")
+
+    assert refused.epoch == kept.epoch
+    assert snapshots == 1
+    assert refused.holders("src/a.py") == kept.holders("src/a.py")

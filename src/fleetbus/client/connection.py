@@ -389,6 +389,10 @@ class Replica:
         refused = _refused(sessions, rejoined)
         snapshot = await self._snapshot(sessions)
         epoch = snapshot.get("epoch")
+        for session in refused:
+            # It tries again through its own heartbeats (``_lost``), and
+            # asks for a snapshot once it is back.
+            session._refused_in = epoch
         stale = [s for s in self.sessions if s.epoch != epoch and s not in refused]
         if stale:
             for session in stale:
@@ -449,7 +453,9 @@ class Replica:
     def _on_heartbeat(self, event: dict[str, Any]) -> None:
         head = event.get("head")
         epoch = event.get("epoch")
-        stale = [s for s in self.sessions if s.epoch != epoch]
+        stale = [
+            s for s in self.sessions if s.epoch != epoch and s._refused_in != epoch
+        ]
         if epoch != self.epoch or stale:
             for session in stale:
                 session._rejoin = True

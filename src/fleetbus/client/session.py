@@ -155,6 +155,8 @@ class AsyncSession(FactsMixin):
         self._heartbeats: asyncio.Task[None] | None = None
         # Whether this session holds a subscription to its claims stream.
         self._following = False
+        # The broker epoch whose broker refused to take this session back.
+        self._refused_in: object = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -724,8 +726,24 @@ class AsyncSession(FactsMixin):
 
     def _check_epoch(self, reply: dict[str, Any]) -> None:
         epoch = reply.get("epoch")
-        if isinstance(epoch, int) and epoch != self.epoch:
+        if not isinstance(epoch, int) or epoch == self.epoch:
+            return
+        if epoch == self._refused_in:
+            # This broker refused to take the session back: ask again, and
+            # load a snapshot only once it has.
+            self._spawn(self._retry_rejoin())
+        else:
             self._want_repair(rejoin=True)
+
+    async def _retry_rejoin(self) -> None:
+        self._rejoin = True
+        try:
+            await self._rejoin_if_wanted()
+        except FleetbusError as exc:
+            _log().debug("rejoin.refused", sid=self.sid, error=str(exc))
+            return
+        self._refused_in = None
+        self._want_repair()
 
     def _want_repair(self, *, rejoin: bool = False) -> None:
         """Start over from a snapshot, after joining again if ``rejoin``.
