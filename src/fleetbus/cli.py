@@ -142,7 +142,10 @@ def _add_agent_commands(commands: Any) -> None:
     guard = commands.add_parser(
         "guard", help="run the git guard as git hook HOOK (see: install git)"
     )
-    guard.add_argument("hook", choices=("pre-commit", "pre-push", "post-commit"))
+    guard.add_argument(
+        "hook",
+        choices=("pre-commit", "pre-push", "post-commit", "reference-transaction"),
+    )
     guard.add_argument("hook_args", nargs=argparse.REMAINDER, metavar="ARG")
     guard.set_defaults(run=_run_guard)
 

@@ -354,6 +354,43 @@ def test_push_of_unclaimed_paths_is_allowed_and_releases_on_push(
     assert alice.claims(mine=True) == []
 
 
+def test_a_push_the_remote_rejects_releases_nothing(
+    guarded: Fleet, sessions: Callable[[str, Path], Session]
+) -> None:
+    """With fleetbus.release=push the claims go once the remote has taken the
+    commits (its tracking ref moved), not when pre-push let the push go."""
+    _run(guarded.main, "config", "fleetbus.release", "push")
+    alice = sessions("alice", guarded.main)
+    alice.claim("a.py", intent="work")
+    assert guarded.commit(guarded.main, "alice", "a.py").returncode == 0
+    gate = guarded.remote / "hooks" / "pre-receive"
+    gate.write_text("#!/bin/sh\necho closed for now >&2\nexit 1\n")
+    gate.chmod(0o755)
+
+    rejected = guarded.git(guarded.main, "push", "-q", "origin", "main", sid="alice")
+    alice.wait_synced()
+    held = [row.scope.text for row in alice.claims(mine=True)]
+    gate.unlink()
+    # Another session's push moves another tracking ref: nothing of Alice's goes.
+    assert guarded.commit(guarded.other, "bob", "b.py").returncode == 0
+    other = guarded.git(guarded.other, "push", "-q", "origin", "other", sid="bob")
+    alice.wait_synced()
+    still = [row.scope.text for row in alice.claims(mine=True)]
+    accepted = guarded.git(guarded.main, "push", "-q", "origin", "main", sid="alice")
+    alice.wait_synced()
+
+    assert rejected.returncode != 0
+    assert "closed for now" in rejected.stderr
+    assert held == ["a.py"]
+    assert other.returncode == 0, other.stderr
+    assert still == ["a.py"]
+    assert accepted.returncode == 0, accepted.stderr
+    assert "released a.py" in accepted.stderr
+    assert alice.claims(mine=True) == []
+    pending = guarded.git(guarded.main, "rev-parse", "--git-common-dir").stdout
+    assert not (guarded.main / pending.strip() / "fleetbus-pushes").exists()
+
+
 def test_broker_down_fails_open_unless_told_otherwise(guarded: Fleet) -> None:
     """No broker: a warning and the commit; FLEETBUS_FAIL=closed refuses."""
     guarded.broker.kill()

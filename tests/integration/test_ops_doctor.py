@@ -87,6 +87,28 @@ def test_broken_setup_exits_1_and_says_what_is_wrong(
     assert checks["git guard"] == "warn"
 
 
+def test_release_on_push_without_its_hook_is_pointed_out(
+    broker: BrokerProcess, short_tmp: Path
+) -> None:
+    """fleetbus.release=push with a guard installed before the hook that
+    releases after a push: doctor warns and says how to add it."""
+    broker.workdir.chmod(0o700)
+    repo = make_repo(short_tmp / "repo", hooks=True)
+    subprocess.run(["git", "config", "fleetbus.release", "push"], cwd=repo, check=True)
+
+    code, before = doctor(broker.url, repo)
+    after_push = repo / ".git" / "hooks" / "reference-transaction"
+    after_push.write_text("#!/bin/sh\n# fleetbus-guard\nexit 0\n")
+    after_push.chmod(0o755)
+    _code, after = doctor(broker.url, repo)
+
+    assert code == 0, before
+    assert by_name(before)["git guard"] == "warn"
+    detail = next(c["detail"] for c in before["checks"] if c["name"] == "git guard")
+    assert "fleetbus install git" in detail
+    assert by_name(after)["git guard"] == "ok"
+
+
 def test_agent_session_without_a_sidecar_is_a_problem(
     broker: BrokerProcess, short_tmp: Path
 ) -> None:

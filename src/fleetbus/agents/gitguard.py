@@ -1,14 +1,19 @@
 """The git guard: hooks that refuse commits and pushes on another session's claim.
 
-``fleetbus install git`` writes three small shell hooks into the repository's
+``fleetbus install git`` writes four small shell hooks into the repository's
 hooks directory (found with ``git rev-parse --git-path hooks``, so worktrees and
 ``core.hooksPath`` work). Each runs ``fleetbus guard <hook>``:
 
 - **pre-commit** checks the staged paths (both sides of a rename);
 - **pre-push** checks the paths changed by the commits being pushed;
 - **post-commit** releases claims on the committed paths when
-  ``git config fleetbus.release`` is ``commit``; with ``push`` the pre-push
-  hook does so once the push is allowed (git has no hook after a push).
+  ``git config fleetbus.release`` is ``commit``;
+- **reference-transaction** releases them when it is ``push``, once the
+  remote took the commits: git has no hook after a push, but it moves the
+  remote-tracking ref to the pushed commit when the push succeeded. pre-push
+  leaves a note per pushed commit (see :func:`expect_push`), and this hook
+  releases what a note names when a remote-tracking ref moves to its commit.
+  Its shell script starts nothing unless a note is waiting.
 
 A path is refused when another session holds a claim on it (two shared claims
 agree to share), or when the committing session's own claim on it is stale:
@@ -29,8 +34,9 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -43,7 +49,7 @@ from fleetbus.scope import parse_scope
 MARKER = "# fleetbus-guard"
 """The line that marks a hook as ours, for this module and for other tools."""
 
-HOOKS = ("pre-commit", "pre-push", "post-commit")
+HOOKS = ("pre-commit", "pre-push", "post-commit", "reference-transaction")
 """The hooks the guard installs."""
 
 CHAINED_SUFFIX = ".fleetbus-chained"
@@ -51,6 +57,12 @@ CHAINED_SUFFIX = ".fleetbus-chained"
 
 SESSION_ENVS = ("FLEETBUS_SESSION", "CLAUDE_CODE_SESSION_ID", "GEMINI_SESSION_ID")
 """Where the committing session's id is looked for, in order."""
+
+PUSH_NOTES = "fleetbus/pushes"
+"""Where pre-push leaves its notes, in the git common directory."""
+
+PUSH_NOTE_MAX_AGE_S = 7 * 24 * 3600.0
+"""A note no push has used for this long (a push the remote refused) goes."""
 
 GUARD_ENV = "FLEETBUS_GUARD"
 FAIL_ENV = "FLEETBUS_FAIL"
@@ -78,15 +90,24 @@ def hooks_dir(repo: str | Path) -> Path:
 def hook_script(hook: str, fleetbus: str) -> str:
     """The shell text of one hook, running ``fleetbus`` at its absolute path."""
     chained = shlex.quote(hook + CHAINED_SUFFIX)
+    run = f"""if [ -x "$fleetbus" ]; then
+    exec "$fleetbus" guard {hook} "$@"
+fi
+echo "fleetbus: $fleetbus is missing; {hook} is not checked" >&2"""
+    if hook == "reference-transaction":
+        # Git runs it for every ref update: start Python only when a push
+        # left a note and the update is done.
+        notes = shlex.quote(f"/{PUSH_NOTES}")
+        run = f"""if [ "$1" = committed ] && [ -x "$fleetbus" ] &&
+    [ -d "$(git rev-parse --git-common-dir)"{notes} ]; then
+    exec "$fleetbus" guard {hook} "$@"
+fi"""
     return f"""#!/bin/sh
 {MARKER}
 # Written by `fleetbus install git`; `fleetbus install git --uninstall` removes
 # it and puts back the hook it replaced, kept meanwhile as {hook}{CHAINED_SUFFIX}.
 fleetbus={shlex.quote(fleetbus)}
-if [ -x "$fleetbus" ]; then
-    exec "$fleetbus" guard {hook} "$@"
-fi
-echo "fleetbus: $fleetbus is missing; {hook} is not checked" >&2
+{run}
 chained="$(dirname "$0")/"{chained}
 if [ -x "$chained" ]; then
     exec "$chained" "$@"
@@ -436,7 +457,7 @@ def run_hook(name: str, args: Sequence[str], url: str | None = None) -> int:
     from fleetbus import log
 
     log.configure("error", stream=sys.stderr)
-    stdin = sys.stdin.read() if name == "pre-push" else ""
+    stdin = sys.stdin.read() if name in ("pre-push", "reference-transaction") else ""
     repo = discover(os.getcwd())
     status = _run_chained(repo.root, name, args, stdin)
     if status != 0:
@@ -453,6 +474,11 @@ def run_hook(name: str, args: Sequence[str], url: str | None = None) -> int:
         if release_mode(repo.root) == "commit":
             _release(hook, committed_paths(repo.root), url)
         return 0
+    if name == "reference-transaction":
+        if args[:1] == ["committed"]:
+            for note in pushed_notes(repo.root, stdin):
+                _release(replace(hook, sid=note["sid"]), note["paths"], url)
+        return 0
     if name == "pre-push":
         remote = args[0] if args else "origin"
         paths = pushed_paths(repo.root, remote, stdin)
@@ -460,8 +486,62 @@ def run_hook(name: str, args: Sequence[str], url: str | None = None) -> int:
         paths = staged_paths(repo.root)
     status = _check(hook, paths, url)
     if status == 0 and name == "pre-push" and release_mode(repo.root) == "push":
-        _release(hook, paths, url)
+        expect_push(repo.root, hook.sid, stdin, paths)
     return status
+
+
+def _notes_dir(root: Path) -> Path:
+    common = Path(_git(root, "rev-parse", "--git-common-dir").strip())
+    return (common if common.is_absolute() else root / common) / PUSH_NOTES
+
+
+def expect_push(root: Path, sid: str, ref_lines: str, paths: list[str]) -> None:
+    """Leave a note per commit pushed (pre-push's ``ref_lines``): once the
+    remote takes it, ``sid``'s claims on ``paths`` are to be released.
+
+    Notes older than :data:`PUSH_NOTE_MAX_AGE_S`, of pushes that never went
+    through, are removed on the way.
+    """
+    shas = [f[1] for f in map(str.split, ref_lines.splitlines()) if len(f) == 4]
+    shas = [sha for sha in shas if not set(sha) <= _ZERO_SHA]
+    if not shas or not paths:
+        return
+    directory = _notes_dir(root)
+    directory.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for old in directory.iterdir():
+        with contextlib.suppress(OSError):
+            if now - old.stat().st_mtime > PUSH_NOTE_MAX_AGE_S:
+                old.unlink()
+    body = json.dumps({"sid": sid, "paths": paths})
+    for sha in shas:
+        temp = directory / f".{sha}.tmp"
+        temp.write_text(body, encoding="utf-8")
+        temp.replace(directory / sha)
+
+
+def pushed_notes(root: Path, ref_lines: str) -> list[dict[str, Any]]:
+    """The notes of pushes that went through, taken (removed) from the store.
+
+    ``ref_lines`` are reference-transaction's: ``<old> <new> <ref>``. A push
+    that went through moved a remote-tracking ref to the commit it sent.
+    """
+    directory = _notes_dir(root)
+    taken = []
+    for fields in map(str.split, ref_lines.splitlines()):
+        if len(fields) != 3 or not fields[2].startswith("refs/remotes/"):
+            continue
+        note = directory / fields[1]
+        try:
+            data = json.loads(note.read_text(encoding="utf-8"))
+            note.unlink()
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("sid"), str):
+            taken.append(data)
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+    return taken
 
 
 def release_mode(root: Path) -> str:
