@@ -796,6 +796,7 @@ class FactTable:
                 "reason": "retention",
                 "limit": limit,
                 "ids": [fact.id for fact in group],
+                "kinds": [fact.kind for fact in group],
             }
             self._emit(out, event, group[0].topics)
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -248,6 +248,36 @@ def test_kind_filter_takes_fact_kinds(
     verbs = [line.split()[3] for line in replay[:-1] + live]
     assert verbs == ["gotcha", "retracted", "gotcha"]
     assert not [line for line in replay + live if "note" in line]
+
+
+def test_kind_filter_shows_retention_drops_of_that_kind(
+    broker_factory: Callable[..., BrokerProcess], short_tmp: Path
+) -> None:
+    """A fact dropped for retention carries its kind: ``--kind gotcha`` shows
+    the drop of a gotcha, not the note that pushed it out."""
+    small = broker_factory("small", extra_args=["--facts-max", "1"])
+    proc = subprocess.Popen(
+        [FLEETBUS, "tail", "--url", small.url, "--since", "0", "--kind", "gotcha"],
+        cwd=short_tmp,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    try:
+        out = Reader(proc.stdout)  # type: ignore[arg-type]
+        out.until(lambda line: line == "-- live --")
+        with join(small, short_tmp, "alice") as alice:
+            alice.publish("src/auth/", text="mind the cache", kind="gotcha")
+            alice.publish("src/auth/", text="a plain note")
+            lines = out.until(lambda line: "dropped" in line)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+    assert "mind the cache" in lines[0]
+    assert len(lines) == 2
+    assert "a plain note" not in "".join(lines)
 
 
 def test_broken_pipe_ends_quietly(broker: BrokerProcess, short_tmp: Path) -> None:

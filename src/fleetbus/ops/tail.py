@@ -91,7 +91,7 @@ class Filter:
             line.kind.partition(".")[0],
             line.verb.partition(" ")[0],
             line.tone,
-            fact_kind(line.event),
+            *fact_kinds(line.event),
         }:
             return False
         if self.sessions and not self.sessions & {line.sid, line.name}:
@@ -99,11 +99,12 @@ class Filter:
         return not self.scopes or scopes_overlap(line, self.scopes)
 
 
-def fact_kind(event: dict[str, Any]) -> str | None:
-    """The kind of the fact a fact event concerns, if it says."""
+def fact_kinds(event: dict[str, Any]) -> set[str]:
+    """The kinds of the facts a fact event concerns, as far as it says."""
     facts = [event.get("fact"), *(event.get("facts") or [])]
-    kinds = [str(fact.get("kind")) for fact in facts if isinstance(fact, dict)]
-    return kinds[0] if kinds else None
+    kinds = {str(fact.get("kind")) for fact in facts if isinstance(fact, dict)}
+    kinds.update(str(kind) for kind in event.get("kinds") or ())
+    return kinds
 
 
 def format_line(line: Line, *, colour: bool) -> str:
