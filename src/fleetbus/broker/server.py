@@ -954,9 +954,13 @@ class Broker:
         credential = self._credential
         if self.security.may_read_all(credential):
             return True
-        return any(
-            owner == credential and self.session_repo.get(sid) == repo
-            for sid, owner in self.security.owners.items()
+        # Over the repository's live sessions: the bindings of every session
+        # the broker ever served are many more.
+        table = self.tables.get(repo)
+        owners = self.security.owners
+        return table is not None and any(
+            owners.get(sid) == credential and self.session_repo.get(sid) == repo
+            for sid in table.view.sessions
         )
 
     def check_repo(self, message: dict[str, Any], repo: str) -> None:
