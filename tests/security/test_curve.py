@@ -186,3 +186,34 @@ async def test_the_sdk_needs_its_own_key_when_pinning(
     repo = RepoInfo(id="sdk-repo", root=tmp_path, branch=None)
     with pytest.raises(BadInput, match=CLIENT_KEY_ENV):
         await AsyncSession.connect(curve_broker.url, repo=repo, timeout=1)
+
+
+def test_more_connections_with_one_key_share_its_rate(
+    keys: Keys, short_tmp: Path
+) -> None:
+    """Under CURVE a peer's bucket is its key's: a second connection with the
+    same key finds the bucket the first emptied (a bucket of its own would
+    take all five of its requests); another key is unaffected."""
+    broker = CurveBroker(short_tmp, keys, "--rate-per-s", "1", "--rate-burst", "5")
+    first, second, other = (broker.peer(n) for n in ("bob", "bob", "op"))
+
+    def codes(peer: Any, count: int) -> list[str]:
+        out = []
+        for _ in range(count):
+            reply = peer.request("status")
+            assert reply is not None
+            out.append("ok" if reply["ok"] else reply["error"]["limit"])
+        return out
+
+    try:
+        emptied = codes(first, 8)
+        after = codes(second, 5)
+        elsewhere = codes(other, 5)
+    finally:
+        for peer in (first, second, other):
+            peer.close()
+        broker.kill()
+
+    assert "rate" in emptied, emptied
+    assert "rate" in after, after
+    assert elsewhere == ["ok"] * 5

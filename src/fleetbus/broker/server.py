@@ -15,7 +15,7 @@ import signal
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -488,13 +488,13 @@ class Broker:
         except FleetbusError as exc:
             self._reply(ident, None, error=exc)
             return
-        # One bucket per session of a connection: the SDK sends every session
-        # of a process over one socket. Requests naming no known session share
-        # the connection's bucket.
+        # One bucket per session of a peer: the SDK sends every session of a
+        # process over one socket. Requests naming no known session share the
+        # peer's bucket. A peer is a connection, or over CURVE its key: more
+        # connections with one key get no more requests through.
         sid = message.get("sid")
-        peer = (
-            (ident, sid) if isinstance(sid, str) and sid in self.session_repo else ident
-        )
+        who: Hashable = self._credential if self.security.uses_curve else ident
+        peer = (who, sid) if isinstance(sid, str) and sid in self.session_repo else who
         if not self.rates.admit(peer, time.monotonic()):
             self._reply(
                 ident,
