@@ -646,3 +646,39 @@ async def test_a_session_refused_on_rejoin_costs_no_snapshot_per_heartbeat(
     assert refused.epoch == kept.epoch
     assert snapshots == 1
     assert refused.holders("src/a.py") == kept.holders("src/a.py")
+
+
+async def test_a_session_lost_and_refused_says_so_once(
+    join: Callable[..., Any], broker: BrokerProcess
+) -> None:
+    """The broker forgot a session and will not take it back: the session's
+    heartbeats keep asking, and its listeners hear ``session.lost`` once."""
+    lost = await join("lost")
+    notices: list[dict[str, Any]] = []
+    lost.on_event(notices.append)
+    beats = asyncio.Event()
+    tries = 0
+
+    async def refuse() -> None:
+        nonlocal tries
+        tries += 1
+        if tries == 3:
+            beats.set()
+        raise BadInput("not taken back")
+
+    lost._join = refuse  # type: ignore[method-assign]
+    ctx = zmq.Context.instance()
+    other = ctx.socket(zmq.DEALER)
+    other.setsockopt(zmq.LINGER, 0)
+    other.connect(broker.url)
+    try:
+        other.send(orjson.dumps({"op": "leave", "rid": "forget", "sid": "lost"}))
+        assert other.poll(int(DEADLINE_S * 1000))
+        assert orjson.loads(other.recv())["ok"]
+        await asyncio.wait_for(beats.wait(), DEADLINE_S)
+    finally:
+        other.close(linger=0)
+
+    assert [e for e in notices if e["type"] == "session.lost"] == [
+        {"type": "session.lost", "sid": "lost", "reason": "unknown"}
+    ]

@@ -157,6 +157,8 @@ class AsyncSession(FactsMixin):
         self._following = False
         # The broker epoch whose broker refused to take this session back.
         self._refused_in: object = None
+        # The generation whose loss the listeners were told of.
+        self._told_lost = 0
         self._closed = False
 
     def __repr__(self) -> str:
@@ -693,8 +695,14 @@ class AsyncSession(FactsMixin):
         async with self._rejoin_lock:
             if generation != self._generation:
                 return
-            _log().warning("session.lost", sid=self.sid, epoch=self.epoch)
-            self._emit({"type": "session.lost", "sid": self.sid, "reason": "unknown"})
+            if self._told_lost != generation:
+                # Once per loss, however many requests find it out while
+                # the broker refuses to take the session back.
+                self._told_lost = generation
+                _log().warning("session.lost", sid=self.sid, epoch=self.epoch)
+                self._emit(
+                    {"type": "session.lost", "sid": self.sid, "reason": "unknown"}
+                )
             await self._join()
         self._connection.resend_queued(self)
         self._want_repair()
