@@ -94,3 +94,31 @@ async def test_a_request_never_answered_fails_at_its_deadline(
 
     assert silent.seen["r1"] >= 2
     assert connection.pending == {}
+
+
+async def test_one_timer_wakes_for_each_retry_and_the_deadline_only(
+    silent: Stub, stub_url: str
+) -> None:
+    """The timer is set for the earliest retry or deadline, not polled: a
+    request never answered within 0.5 s wakes it at its retry (0.2 s) and at
+    its deadline, and fails no earlier than that."""
+    connection = connection_for(stub_url)
+    ticks: list[float] = []
+    tick = connection._tick
+
+    def counted() -> None:
+        ticks.append(connection.loop.time())
+        tick()
+
+    connection._tick = counted  # type: ignore[method-assign]
+    began = connection.loop.time()
+    try:
+        with pytest.raises(BrokerUnavailable):
+            await connection.exchange({"op": "ping", "rid": "r1"}, object(), 0.5)
+    finally:
+        connection.close()
+
+    assert len(ticks) == 2, [t - began for t in ticks]
+    assert ticks[0] - began >= 0.2 - 0.001
+    assert ticks[1] - began >= 0.5 - 0.001
+    assert silent.seen["r1"] == 2

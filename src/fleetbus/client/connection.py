@@ -14,6 +14,7 @@ The last session to close a connection closes its sockets.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -38,9 +39,9 @@ def _log() -> Any:
 # socket is rare and cheap to repeat) and back off to once a second.
 _FIRST_RETRY_S = 0.2
 _MAX_RETRY_S = 1.0
-# How often unanswered requests are looked at: one timer for all of them is
-# cheaper than one per request, at the price of this much lateness.
-_TICK_S = 0.05
+# One timer serves every unanswered request, set for the earliest retry or
+# deadline among them; what falls due within this much of it is served too.
+_TICK_SLACK_S = 0.001
 _REPAIR_BACKOFF_S = 0.2
 # Events buffered while a snapshot is on its way; beyond this the replica will
 # start over anyway, so older ones are dropped.
@@ -101,6 +102,7 @@ class Connection:
         self.transport.on_replies(self.on_reply)
         self._events: asyncio.Task[None] | None = None
         self._ticker: asyncio.TimerHandle | None = None
+        self._ticker_at = math.inf
         self.closed = False
         self.replied_at = 0.0
         """When a reply last came in, on the event loop's clock (0: never)."""
@@ -211,8 +213,8 @@ class Connection:
         pending.delay = min(_FIRST_RETRY_S, limit)
         pending.retry = now + pending.delay
         self.pending[rid] = pending
-        if self._ticker is None:
-            self._ticker = loop.call_later(_TICK_S, self._tick)
+        if pending.retry < self._ticker_at:
+            self._tick_at(pending.retry)
         try:
             self.transport.send(message)
             return await pending.future
@@ -220,15 +222,28 @@ class Connection:
             if self.pending.get(rid) is pending:
                 del self.pending[rid]
 
+    def _tick_at(self, when: float) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+        self._ticker = self.loop.call_at(when, self._tick)
+        self._ticker_at = when
+
     def _tick(self) -> None:
         """Re-send unanswered requests, and fail those whose time is up."""
         self._ticker = None
-        now = self.loop.time()
+        self._ticker_at = math.inf
+        now = self.loop.time() + _TICK_SLACK_S
+        due = math.inf
         for pending in list(self.pending.values()):
             if not pending.future.done():
                 self._check(pending, now)
-        if self.pending and not self.closed:
-            self._ticker = self.loop.call_later(_TICK_S, self._tick)
+            if not pending.future.done():
+                next_due = pending.deadline
+                if not pending.queued:
+                    next_due = min(next_due, pending.retry)
+                due = min(due, next_due)
+        if due < math.inf and not self.closed:
+            self._tick_at(due)
 
     def _check(self, pending: Pending, now: float) -> None:
         if now >= pending.deadline:
