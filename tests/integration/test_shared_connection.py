@@ -329,12 +329,11 @@ async def test_a_replica_goes_with_its_last_session_and_comes_back_fed(
     assert [row.grant for row in b.holders("src/a.py")] == [grant.id]
 
 
-async def test_a_session_refused_on_rejoin_does_not_hold_the_others_back(
-    join: Callable[..., Any], broker: BrokerProcess
+async def restart_refusing(
+    broker: BrokerProcess, refused: AsyncSession, kept: AsyncSession
 ) -> None:
-    """After a restart, one session the broker will not take back leaves the
-    replica's repair to go on for the rest."""
-    refused, kept = await join("refused"), await join("kept")
+    """Restart the broker with ``refused``'s joins failing; return once
+    ``kept``'s replica has resynced."""
     stream = kept.events()
 
     async def refuse() -> None:
@@ -343,6 +342,15 @@ async def test_a_session_refused_on_rejoin_does_not_hold_the_others_back(
     refused._join = refuse  # type: ignore[method-assign]
     broker.restart()
     await next_event(stream, lambda e: e["type"] == "resync")
+
+
+async def test_a_session_refused_on_rejoin_does_not_hold_the_others_back(
+    join: Callable[..., Any], broker: BrokerProcess
+) -> None:
+    """After a restart, one session the broker will not take back leaves the
+    replica's repair to go on for the rest."""
+    refused, kept = await join("refused"), await join("kept")
+    await restart_refusing(broker, refused, kept)
     grant = await kept.claim("src/a.py")
     await kept.wait_synced()
 
@@ -599,14 +607,7 @@ async def test_a_session_refused_on_rejoin_costs_no_snapshot_per_heartbeat(
     heartbeats; the replica it shares takes no snapshot per heartbeat for it,
     only one once the session is back."""
     refused, kept = await join("refused"), await join("kept")
-    stream = kept.events()
-
-    async def refuse() -> None:
-        raise BadInput("not taken back")
-
-    refused._join = refuse  # type: ignore[method-assign]
-    broker.restart()
-    await next_event(stream, lambda e: e["type"] == "resync")
+    await restart_refusing(broker, refused, kept)
     replica = kept._shared
     snapshots = 0
     take_snapshot = replica._snapshot

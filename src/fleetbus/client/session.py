@@ -155,7 +155,7 @@ class AsyncSession(FactsMixin):
         self._heartbeats: asyncio.Task[None] | None = None
         # Whether this session holds a subscription to its claims stream.
         self._following = False
-        # The broker epoch whose broker refused to take this session back.
+        # The broker epoch in which the broker refused to take the session back.
         self._refused_in: object = None
         # The generation whose loss the listeners were told of.
         self._told_lost = 0

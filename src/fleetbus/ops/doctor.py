@@ -218,10 +218,10 @@ def _guard(root: Path) -> Check:
         )
     if not os.access(hook, os.X_OK):
         return Check("git guard", "fail", f"{hook} is not executable; chmod +x it")
-    after_push = hook.with_name("reference-transaction")
-    if _release_mode(root) == "push" and (
-        not after_push.is_file()
-        or GUARD_MARK not in after_push.read_text(errors="replace")
+    from fleetbus.agents.gitguard import is_ours, release_mode
+
+    if release_mode(root) == "push" and not is_ours(
+        hook.with_name("reference-transaction")
     ):
         return Check(
             "git guard",
@@ -230,20 +230,6 @@ def _guard(root: Path) -> Check:
             "missing; run: fleetbus install git",
         )
     return Check("git guard", "ok", f"{hook} checks commits against claims")
-
-
-def _release_mode(root: Path) -> str:
-    try:
-        done = subprocess.run(
-            ["git", "config", "--get", "fleetbus.release"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return done.stdout.strip().lower()
 
 
 def check_sidecar(environ: dict[str, str]) -> list[Check]:
