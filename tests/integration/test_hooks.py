@@ -1371,3 +1371,36 @@ def test_a_starting_sidecar_removes_files_left_by_sessions_long_gone(
     log = "".join(map(_read, directory.glob("sc-*.log")))
     assert '"sessions":1' in log
     assert "sidecar.tidied" in log
+
+
+def test_an_edit_in_another_worktree_of_the_repo_is_judged_by_its_path_there(
+    bench: Bench,
+) -> None:
+    """A session editing a file in a sibling worktree, or in a worktree nested
+    in its own, claims and is refused by the file's path in that worktree."""
+    sibling = bench.root / "sibling"
+    nested = bench.repo / "nested"
+    for where, branch in ((sibling, "sib"), (nested, "nest")):
+        subprocess.run(
+            ["git", "worktree", "add", "-q", "-b", branch, str(where)],
+            cwd=bench.repo,
+            check=True,
+        )
+    a, b = bench.agent("sess-a"), bench.agent("sess-b")
+    in_sibling = claude_event(
+        "sess-b",
+        str(sibling),
+        "PreToolUse",
+        "Edit",
+        {"file_path": str(sibling / "a.py")},
+    )
+    assert bench.hook("claude-code", in_sibling, b).decision is None
+    assert bench.held_by("sess-b") == ["a.py"]
+
+    refused = bench.edit(a, str(sibling / "a.py"))
+    nested_edit = bench.edit(a, str(nested / "b.py"))
+
+    assert refused.decision == "deny"
+    assert "a.py is held by claude-code@sib#sess-b" in refused.reason
+    assert nested_edit.decision is None
+    assert bench.held_by("sess-a") == ["b.py"]

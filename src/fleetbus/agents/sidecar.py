@@ -45,6 +45,7 @@ import contextlib
 import fcntl
 import inspect
 import json
+import math
 import os
 import signal
 import socket
@@ -52,6 +53,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -96,6 +98,8 @@ _MAX_REQUEST = 1024 * 1024
 # A hook's event carries a whole file for a write: allow much more than a request.
 _MAX_HOOK_EVENT = 64 * 1024 * 1024
 _START_FACTS = 50
+# How often, at most, the list of the repository's worktrees is read again.
+_WORKTREES_REFRESH_S = 5.0
 
 
 class Sidecar:
@@ -125,6 +129,8 @@ class Sidecar:
         self._problem = "the sidecar is still joining the fleet"
         # When a request to the broker last went unanswered (loop clock).
         self._unanswered_at: float | None = None
+        self._worktree_roots = [repo.root]
+        self._worktrees_read_at = -math.inf
         self._dirty: dict[str, tuple[str, int, int]] | None = None
         self._ops: dict[str, Handler] = {
             "ping": self._ping,
@@ -561,16 +567,43 @@ class Sidecar:
             _log.debug("sidecar.fences_not_forgotten", error=str(exc))
 
     def _inside(self, paths: Iterable[str]) -> list[str]:
-        """The repo-relative form of each path inside the worktree, once each."""
+        """The repo-relative form of each path inside the repository, once each.
+
+        Inside means in this worktree or, for an absolute path, in another
+        worktree of the same repository: the deepest one that holds it, so a
+        worktree nested in this one maps to its own paths.
+        """
         found: dict[str, None] = {}
         for path in paths:
-            try:
-                relative = repo_path(path, self.repo)
-            except BadScope:
-                continue
-            if relative not in (".", ""):
+            relative = self._repo_relative(path)
+            if relative is not None and relative not in (".", ""):
                 found[relative] = None
         return list(found)
+
+    def _repo_relative(self, path: str) -> str | None:
+        roots = [self.repo.root]
+        if os.path.isabs(path):
+            roots = self._worktrees(path)
+        for root in roots:
+            try:
+                return repo_path(path, replace(self.repo, root=root))
+            except BadScope:
+                continue
+        return None
+
+    def _worktrees(self, path: str) -> list[Path]:
+        """The repository's worktree roots, deepest first, for absolute ``path``.
+
+        Read from git once, and again (at most every few seconds) when a path
+        lies in none of them: a worktree added since.
+        """
+        roots = self._worktree_roots
+        known = any(_contains(root, path) for root in roots)
+        now = time.monotonic()
+        if not known and now - self._worktrees_read_at >= _WORKTREES_REFRESH_S:
+            self._worktrees_read_at = now
+            roots = self._worktree_roots = _worktree_roots(self.repo.root)
+        return roots
 
     async def _unseen(
         self, session: AsyncSession, scopes: list[str], *, mark: bool = True
@@ -760,6 +793,25 @@ def _hold_lock(path: str) -> IO[str] | None:
     handle.write(f"{os.getpid()}\n")
     handle.flush()
     return handle
+
+
+def _contains(root: Path, path: str) -> bool:
+    return path == str(root) or path.startswith(str(root).rstrip("/") + "/")
+
+
+def _worktree_roots(root: Path) -> list[Path]:
+    """Every worktree of the repository at ``root``, deepest first."""
+    done = subprocess.run(
+        ["git", "-C", str(root), "worktree", "list", "--porcelain"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    roots = {root}
+    for line in done.stdout.splitlines():
+        if line.startswith("worktree "):
+            roots.add(Path(line.removeprefix("worktree ")))
+    return sorted(roots, key=lambda p: len(p.parts), reverse=True)
 
 
 def _tidy(session_id: str) -> None:
