@@ -649,6 +649,50 @@ async def test_a_session_refused_on_rejoin_costs_no_snapshot_per_heartbeat(
     assert refused.holders("src/a.py") == kept.holders("src/a.py")
 
 
+async def test_heartbeats_during_a_repair_ask_for_no_second_snapshot(
+    join: Callable[..., Any], broker: BrokerProcess
+) -> None:
+    """Broker heartbeats of a new epoch that arrive while the repair is loading
+    its snapshot are left to that repair: one restart costs one snapshot."""
+    kept = await join("kept")
+    await kept.wait_synced()
+    replica, old_epoch = kept._shared, kept.epoch
+    snapshots = 0
+    heartbeats = 0
+    beats = {2: asyncio.Event(), 5: asyncio.Event()}
+    take_snapshot = replica._snapshot
+    on_event = replica.on_event
+
+    async def held(sessions: list[AsyncSession]) -> dict[str, Any]:
+        nonlocal snapshots
+        snapshots += 1
+        if snapshots == 1:
+            # Two heartbeats of the new epoch reach the replica mid-repair.
+            await asyncio.wait_for(beats[2].wait(), DEADLINE_S)
+        return await take_snapshot(sessions)
+
+    def counting_beats(event: dict[str, Any]) -> None:
+        nonlocal heartbeats
+        on_event(event)
+        if event.get("type") == "heartbeat" and event.get("epoch") != old_epoch:
+            heartbeats += 1
+            if heartbeats in beats:
+                beats[heartbeats].set()
+
+    replica._snapshot = held  # type: ignore[method-assign]
+    replica.on_event = counting_beats  # type: ignore[method-assign]
+    stream = kept.events()
+    broker.restart()
+    await next_event(stream, lambda e: e["type"] == "resync")
+    await asyncio.wait_for(beats[5].wait(), DEADLINE_S)
+    grant = await kept.claim("src/a.py")
+    await kept.wait_synced()
+
+    assert snapshots == 1
+    assert not replica.syncing
+    assert [row.grant for row in kept.holders("src/a.py")] == [grant.id]
+
+
 async def test_a_session_lost_and_refused_says_so_once(
     join: Callable[..., Any], broker: BrokerProcess
 ) -> None:

@@ -474,7 +474,10 @@ class Replica:
         if epoch != self.epoch or stale:
             for session in stale:
                 session._rejoin = True
-            self.want_repair()
+            if not self.syncing:
+                # A repair under way checks every session against its
+                # snapshot's epoch: asking again would load a second snapshot.
+                self.want_repair()
         elif not self.syncing and isinstance(head, int) and head > self.applied:
             self.want_repair()
         else:

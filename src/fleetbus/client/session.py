@@ -736,6 +736,10 @@ class AsyncSession(FactsMixin):
         epoch = reply.get("epoch")
         if not isinstance(epoch, int) or epoch == self.epoch:
             return
+        if self._replica and self._shared.syncing:
+            # The replica's repair under way joins again whoever its snapshot
+            # finds behind; asking for another would load a second snapshot.
+            return
         if epoch == self._refused_in:
             # This broker refused to take the session back: ask again, and
             # load a snapshot only once it has.
