@@ -250,7 +250,7 @@ class BrokerSecurity:
         return CURVE_PREFIX + str(user)
 
     def is_operator(self, credential: str) -> bool:
-        """Whether ``credential`` may force-release any session's claims."""
+        """Whether ``credential`` may force-release claims and unbind sessions."""
         if credential == LOCAL_CREDENTIAL:
             return self.local_operator
         return credential in self.operators
@@ -279,12 +279,19 @@ class BrokerSecurity:
                 (sid, credential),
             )
 
+    def unbind(self, sid: str) -> None:
+        """Forget who opened ``sid``; the caller's transaction stores it."""
+        self.owners.pop(sid, None)
+        if self._db is not None:
+            self._db.execute("DELETE FROM session_owners WHERE sid = ?", (sid,))
+
     def check(self, sid: str, credential: str) -> None:
         """Refuse ``credential`` acting as ``sid`` when another one opened it."""
         owner = self.owners.get(sid)
         if owner is not None and owner != credential:
             raise NotAuthorised(
-                f"session {sid!r} was opened with another credential",
+                f"session {sid!r} was opened with another credential (an "
+                f"operator can free the id: fleetbus unbind {sid})",
                 sid=sid,
             )
 

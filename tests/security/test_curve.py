@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from fleetbus.client import AsyncSession
-from fleetbus.errors import BadInput
+from fleetbus.errors import BadInput, NotAuthorised
 from fleetbus.repo import RepoInfo
 from fleetbus.security import CLIENT_KEY_ENV, SERVER_KEY_ENV
 from tests.security.conftest import CurveBroker, Keys
+
+FLEETBUS = str(Path(sys.executable).parent / "fleetbus")
 
 
 def ok(reply: dict[str, Any] | None) -> dict[str, Any]:
@@ -155,6 +161,92 @@ def test_force_release_is_for_operators_and_is_published(
     assert '"by":"ops-oncall"' in log
 
 
+def test_an_operator_frees_a_session_id_for_a_new_key(
+    curve_broker: CurveBroker, keys: Keys
+) -> None:
+    """A client whose key was replaced is refused as its old session id until
+    an operator unbinds it; the next key to open it then owns it, claims and
+    all, and keeps it across a restart."""
+    old, new, op = (curve_broker.peer(n) for n in ("alice", "bob", "op"))
+    try:
+        ok(old.request("hello", repo="r", sid="cli-alice@host"))
+        grant = ok(old.request("claim", sid="cli-alice@host", scopes=["a.py"]))
+        refused = new.request("hello", repo="r", sid="cli-alice@host")
+        denied(refused)
+        assert "fleetbus unbind cli-alice@host" in refused["error"]["message"]  # type: ignore[index]
+        denied(new.request("unbind", target="cli-alice@host"))
+        nobody = op.request("unbind", target="never-opened")
+        assert nobody is not None
+        assert nobody["error"]["code"] == "bad_input", nobody
+
+        freed = ok(op.request("unbind", target="cli-alice@host", by="oncall"))
+        assert freed["unbound"] == "cli-alice@host"
+        assert freed["live"] is True
+        ok(new.request("hello", repo="r", sid="cli-alice@host"))
+        denied(old.request("heartbeat", sid="cli-alice@host"))
+        released = ok(
+            new.request("release", sid="cli-alice@host", grant=grant["grant"])
+        )
+        assert released["released"] == [grant["claims"][0]["id"]]
+    finally:
+        for peer in (old, new, op):
+            peer.close()
+    log = curve_broker.log()
+    assert '"event":"session.unbound"' in log
+    assert '"by":"oncall"' in log
+
+    curve_broker.kill()
+    again = CurveBroker(curve_broker.workdir, keys)
+    old, new = again.peer("alice"), again.peer("bob")
+    try:
+        ok(new.request("hello", repo="r", sid="cli-alice@host"))
+        denied(old.request("hello", repo="r", sid="cli-alice@host"))
+    finally:
+        old.close()
+        new.close()
+        again.kill()
+
+
+def test_unbind_from_the_cli_needs_an_operator_key(
+    curve_broker: CurveBroker, keys: Keys
+) -> None:
+    """``fleetbus unbind SID`` over CURVE: an operator's key frees the id, any
+    other admitted key is refused with exit code 1."""
+    alice = curve_broker.peer("alice")
+    try:
+        ok(alice.request("hello", repo="r", sid="old-id"))
+        ok(alice.request("leave", sid="old-id"))
+    finally:
+        alice.close()
+
+    def unbind(name: str) -> subprocess.CompletedProcess[str]:
+        env = {
+            **os.environ,
+            SERVER_KEY_ENV: str(keys.public("broker")),
+            CLIENT_KEY_ENV: str(keys.secret(name)),
+        }
+        return subprocess.run(
+            [FLEETBUS, "unbind", "old-id", "--url", curve_broker.url, "--json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    refused = unbind("bob")
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "operators" in refused.stdout + refused.stderr
+    done = unbind("op")
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout) == {"unbound": "old-id", "live": False}
+    bob = curve_broker.peer("bob")
+    try:
+        ok(bob.request("hello", repo="r", sid="old-id"))
+    finally:
+        bob.close()
+
+
 async def test_the_sdk_speaks_curve_with_pinned_keys(
     curve_broker: CurveBroker,
     keys: Keys,
@@ -172,6 +264,38 @@ async def test_the_sdk_speaks_curve_with_pinned_keys(
         assert [row.id for row in session.claims()] == [g.id for g in grant.claims]
     finally:
         await session.close()
+
+
+async def test_the_sdk_unbinds_for_an_operator_only(
+    curve_broker: CurveBroker,
+    keys: Keys,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """``AsyncSession.unbind`` frees a live session's id with an operator key
+    and raises NotAuthorised with any other."""
+    alice = curve_broker.peer("alice")
+    try:
+        ok(alice.request("hello", repo="sdk-repo", sid="alice-1"))
+    finally:
+        alice.close()
+    monkeypatch.setenv(SERVER_KEY_ENV, str(keys.public("broker")))
+    repo = RepoInfo(id="sdk-repo", root=tmp_path, branch=None)
+    for name, sid in (("bob", "bob-1"), ("op", "op-1")):
+        monkeypatch.setenv(CLIENT_KEY_ENV, str(keys.secret(name)))
+        session = await AsyncSession.connect(
+            curve_broker.url, repo=repo, session_id=sid, timeout=5
+        )
+        try:
+            if name == "bob":
+                with pytest.raises(NotAuthorised, match="operators"):
+                    await session.unbind("alice-1")
+            else:
+                assert await session.unbind("alice-1") is True
+        finally:
+            await session.close()
+    assert '"event":"session.unbound"' in curve_broker.log()
+    assert '"by":"op-1"' in curve_broker.log()
 
 
 async def test_the_sdk_needs_its_own_key_when_pinning(

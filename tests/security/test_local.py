@@ -169,6 +169,17 @@ def test_force_release_from_the_cli_is_logged_and_published(
     assert '"reason":"forced"' in broker.log()
 
 
+def test_unbind_on_the_local_default_says_there_is_nothing_to_free(
+    broker: BrokerProcess, tmp_path: Path
+) -> None:
+    """Without CURVE every peer is the one local user and no session id is
+    bound, so ``fleetbus unbind`` is bad input and says why."""
+    stuck_claim(broker, f"path:{os.path.realpath(tmp_path)}")
+    done = cli(broker, tmp_path, "unbind", "gone")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "without CURVE" in done.stdout + done.stderr
+
+
 def test_force_release_can_be_withheld_from_the_local_user(
     broker_factory: Callable[..., BrokerProcess], tmp_path: Path
 ) -> None:

@@ -116,6 +116,7 @@ class Broker:
             "cancel": self._on_cancel,
             "leave": self._on_leave,
             "force_release": self._on_force_release,
+            "unbind": self._on_unbind,
         }
         if os.environ.get(TEST_HOOKS_ENV) == "1":
             self._handlers["test.clock"] = self._on_test_clock
@@ -888,17 +889,28 @@ class Broker:
         self._absorb(table.repo, outcome)
         self._reply(ident, rid, outcome.reply or {}, remember=(sid, rid))
 
+    def _operator_request(
+        self, op: str, ident: bytes, rid: str, message: dict[str, Any]
+    ) -> tuple[str, tuple[str, str]] | None:
+        """An operator's request: its ``by`` and the key its reply is kept
+        under, or None when it was a retry, answered with the first reply."""
+        if not self.security.is_operator(self._credential):
+            raise NotAuthorised(f"{op} is for operators only")
+        by = _text(message, "by", MAX_NAME_LEN, default=self._credential)
+        key = (f"operator:{self._credential}", rid)
+        if self._replay(ident, key[0], rid):
+            return None
+        return by, key
+
     def _on_force_release(
         self, ident: bytes, rid: str, message: dict[str, Any]
     ) -> None:
         """Release any session's claims, for an operator; logged and published."""
-        if not self.security.is_operator(self._credential):
-            raise NotAuthorised("force_release is for operators only")
-        repo = _text(message, "repo", MAX_REPO_LEN)
-        by = _text(message, "by", MAX_NAME_LEN, default=self._credential)
-        key = (f"operator:{self._credential}", rid)
-        if self._replay(ident, key[0], rid):
+        asked = self._operator_request("force_release", ident, rid, message)
+        if asked is None:
             return
+        by, key = asked
+        repo = _text(message, "repo", MAX_REPO_LEN)
         table = self.tables.get(repo)
         if table is None:
             raise BadInput(f"no repository {repo!r} at this broker", field="repo")
@@ -916,6 +928,41 @@ class Broker:
         )
         self._absorb(repo, outcome)
         self._reply(ident, rid, outcome.reply, remember=key)
+
+    def _on_unbind(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
+        """Free a session id from the credential that opened it, for an operator.
+
+        The next credential to open the session owns it, with its claims and
+        its facts; a key that was replaced needs this to act as its old ids.
+        """
+        asked = self._operator_request("unbind", ident, rid, message)
+        if asked is None:
+            return
+        by, key = asked
+        target = _text(message, "target", MAX_NAME_LEN)
+        if not self.security.uses_curve:
+            raise BadInput(
+                "this broker binds no session to a credential (it runs without "
+                "CURVE): there is nothing to unbind",
+                field="target",
+            )
+        owner = self.security.owners.get(target)
+        if owner is None:
+            raise BadInput(
+                f"session {target!r} is bound to no credential", field="target"
+            )
+        self.store_begin()
+        self.security.unbind(target)
+        self.log_change(
+            "session.unbound",
+            level="warning",
+            sid=target,
+            was=owner,
+            by=by,
+            credential=self._credential,
+        )
+        reply = {"unbound": target, "live": target in self.session_repo}
+        self._reply(ident, rid, reply, remember=key)
 
     def _on_test_clock(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
         """Shift the broker's clocks (fault tests only; needs the test-hooks env)."""

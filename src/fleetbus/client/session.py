@@ -68,7 +68,7 @@ _REPAIR_BACKOFF_S = 0.2
 # How long a session waits for an event the broker already holds before it
 # loads a snapshot instead.
 _CATCH_UP_GRACE_S = 0.25
-_UNKEYED_OPS = frozenset({"ping", "status", "snapshot"})
+_UNKEYED_OPS = frozenset({"ping", "status", "snapshot", "unbind"})
 
 __all__ = [
     "AsyncSession",
@@ -468,6 +468,18 @@ class AsyncSession(FactsMixin):
             raise BadInput("say what to force-release: scopes or ids")
         reply = await self._request("force_release", **fields)
         return [str(i) for i in reply.get("released", [])]
+
+    async def unbind(self, sid: str) -> bool:
+        """Free the session id ``sid`` from the credential that opened it.
+
+        For operators, under CURVE: the next credential to open ``sid`` owns
+        it, with its claims and facts (a client whose key was replaced needs
+        this to act as its old session ids). Raises :class:`NotAuthorised` for
+        anyone else and :class:`BadInput` for an id bound to no credential.
+        Returns whether the session is live at the broker.
+        """
+        reply = await self._request("unbind", target=sid, by=self.name)
+        return bool(reply.get("live"))
 
     async def renew(self, grant: str, ttl: float) -> None:
         """Give the claims of ``grant`` a new TTL of ``ttl`` seconds from now."""
@@ -979,6 +991,10 @@ class Session(SyncFactsMixin):
     def force_release(self, *scopes: str, ids: list[str] | None = None) -> list[str]:
         """See :meth:`AsyncSession.force_release`."""
         return self._runner.run(self._core.force_release(*scopes, ids=ids))
+
+    def unbind(self, sid: str) -> bool:
+        """See :meth:`AsyncSession.unbind`."""
+        return self._runner.run(self._core.unbind(sid))
 
     def renew(self, grant: str, ttl: float) -> None:
         """See :meth:`AsyncSession.renew`."""

@@ -1,8 +1,9 @@
 """The command-line options of the operating commands, standard library only.
 
-:func:`add_commands` registers ``tail``, ``status``, ``top``, ``demo`` and
-``doctor`` on the ``fleetbus`` parser; each command's module is imported only
-when it runs, so building the parser stays cheap for every other command.
+:func:`add_commands` registers ``tail``, ``status``, ``top``, ``unbind``,
+``demo`` and ``doctor`` on the ``fleetbus`` parser; each command's module is
+imported only when it runs, so building the parser stays cheap for every other
+command.
 """
 
 from __future__ import annotations
@@ -69,6 +70,19 @@ def add_commands(commands: Any) -> None:
     )
     _repo_options(top, json=False)
     _set_run(top, "top")
+
+    unbind = _command(
+        commands,
+        "unbind",
+        "operators: free session id SID from the key that opened it; the next "
+        "credential to open it owns it (logged)",
+    )
+    unbind.add_argument("sid", metavar="SID")
+    unbind.add_argument("--url", help="broker URL (default: $FLEETBUS_URL or local)")
+    unbind.add_argument("--by", metavar="NAME", help="who does it, for the log")
+    unbind.add_argument("--json", action="store_true", help="JSON output")
+    unbind.add_argument("--timeout", type=float, default=3.0, help=argparse.SUPPRESS)
+    _set_run(unbind, "unbind")
 
     demo = _command(
         commands,
