@@ -607,6 +607,12 @@ class ClaimTable:
         # needs, while staying short and derived from state alone.
         self._tag = hashlib.blake2b(repo.encode(), digest_size=6).hexdigest()
         self._deadlines: dict[str, float] = {}
+        # Lease deadlines in a heap, one live entry per session (``_armed``):
+        # a renewal only moves ``_deadlines``, and an entry that comes up
+        # early moves on to the current deadline, so that the next deadline is
+        # found without looking at every session.
+        self._lease_heap: list[tuple[float, str]] = []
+        self._armed: dict[str, float] = {}
         self._last_seen: dict[str, float] = {}
         self._ttl_heap: list[tuple[float, str]] = []
         self._groups: list[list[Any]] | None = None
@@ -650,8 +656,11 @@ class ClaimTable:
     def touch(self, sid: str, now: Now) -> None:
         """Renew the lease of ``sid``; ``UnknownSession`` if there is none."""
         info = self._session(sid)
-        self._deadlines[sid] = now.mono + info.lease_s
+        deadline = now.mono + info.lease_s
+        self._deadlines[sid] = deadline
         self._last_seen[sid] = now.wall
+        if deadline < self._armed.get(sid, math.inf):
+            self._arm(sid, deadline)
 
     def leave(self, sid: str, now: Now) -> Outcome:
         """End a session cleanly: its lease-bound claims are released at once."""
@@ -888,11 +897,9 @@ class ClaimTable:
         Wall-time TTL expiries are given by :meth:`next_ttl`.
         """
         times = [w.deadline for w in self.view.waiters if w.deadline < math.inf]
-        times.extend(
-            self._deadlines[sid]
-            for sid, info in self.view.sessions.items()
-            if info.leased or self._is_idle(sid)
-        )
+        due = self._next_lapse()
+        if due is not None:
+            times.append(due[0])
         return min(times, default=None)
 
     def next_ttl(self) -> float | None:
@@ -928,6 +935,9 @@ class ClaimTable:
         self._deadlines = {
             info.sid: now.mono + info.lease_s + grace_s for info in sessions
         }
+        self._armed = dict(self._deadlines)
+        self._lease_heap = [(deadline, sid) for sid, deadline in self._armed.items()]
+        heapq.heapify(self._lease_heap)
         self._last_seen = {info.sid: info.last_seen for info in sessions}
         self._ttl_heap = [
             (row.expires, row.id) for row in claims if row.expires is not None
@@ -940,7 +950,41 @@ class ClaimTable:
         self.sequence.stamp(CLAIMS_STREAM, event)
         self.view.apply(event)
         out.events.append(event)
+        sid = event.get("sid")
+        if sid is not None and sid not in self._armed and sid in self._deadlines:
+            # An unleased session set aside while busy may be idle now.
+            self._arm(sid, self._deadlines[sid])
         return event
+
+    def _arm(self, sid: str, deadline: float) -> None:
+        self._armed[sid] = deadline
+        heapq.heappush(self._lease_heap, (deadline, sid))
+
+    def _next_lapse(self) -> tuple[float, str] | None:
+        """The earliest lease deadline :meth:`tick` must act on, and its session.
+
+        Entries are checked as they come up: one superseded or forgotten is
+        dropped, one renewed since moves to its deadline, and an unleased
+        session that holds or awaits something is set aside until its next
+        event (see :meth:`_emit`).
+        """
+        heap = self._lease_heap
+        while heap:
+            armed, sid = heap[0]
+            if self._armed.get(sid) != armed:
+                heapq.heappop(heap)
+                continue
+            deadline = self._deadlines[sid]
+            if deadline > armed:
+                self._armed[sid] = deadline
+                heapq.heapreplace(heap, (deadline, sid))
+                continue
+            if not (self.view.sessions[sid].leased or self._is_idle(sid)):
+                heapq.heappop(heap)
+                del self._armed[sid]
+                continue
+            return armed, sid
+        return None
 
     def _session(self, sid: str) -> SessionInfo:
         info = self.view.sessions.get(sid)
@@ -1187,6 +1231,7 @@ class ClaimTable:
             event["reason"] = "lease_expired"
         self._emit(out, event)
         self._deadlines.pop(sid, None)
+        self._armed.pop(sid, None)
         self._last_seen.pop(sid, None)
 
     def _is_idle(self, sid: str) -> bool:
@@ -1205,12 +1250,12 @@ class ClaimTable:
 
     def _lapsed(self, now: Now) -> list[str]:
         """Leased sessions past their lease, and idle unleased ones past theirs."""
-        return [
-            sid
-            for sid, info in self.view.sessions.items()
-            if self._deadlines.get(sid, math.inf) <= now.mono
-            and (info.leased or self._is_idle(sid))
-        ]
+        lapsed = []
+        while (due := self._next_lapse()) is not None and due[0] <= now.mono:
+            heapq.heappop(self._lease_heap)
+            del self._armed[due[1]]
+            lapsed.append(due[1])
+        return lapsed
 
     def _expire_ttls(self, now: Now, out: Outcome) -> None:
         expired: dict[str, list[Claim]] = {}

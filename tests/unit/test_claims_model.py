@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import orjson
@@ -184,6 +185,17 @@ class ClaimTableMachine(RuleBasedStateMachine):
     def advance(self, seconds: float) -> None:
         self.now = Now(self.now.wall + seconds, self.now.mono + seconds)
         self.take(self.table.tick(self.now))
+        lapsed = [d for d in self.lease_deadlines() if d <= self.now.mono]
+        assert not lapsed, "tick left a session past its lease"
+
+    def lease_deadlines(self) -> list[float]:
+        """The deadlines tick acts on, by a look at every session."""
+        table = self.table
+        return [
+            table._deadlines[sid]
+            for sid, info in table.view.sessions.items()
+            if info.leased or table._is_idle(sid)
+        ]
 
     # -- invariants ---------------------------------------------------------
 
@@ -228,6 +240,12 @@ class ClaimTableMachine(RuleBasedStateMachine):
             for sid in SIDS:
                 free = all(row.sid == sid for row in holders)
                 assert view.may_edit(path, sid) == free, (path, sid)
+
+    @invariant()
+    def the_next_deadline_is_the_earliest_of_every_session_and_wait(self) -> None:
+        waits = [w.deadline for w in self.table.view.waiters if w.deadline < math.inf]
+        expected = min(self.lease_deadlines() + waits, default=None)
+        assert self.table.next_deadline() == expected
 
     @invariant()
     def events_are_chained_and_fences_increase(self) -> None:
