@@ -1,7 +1,9 @@
 """Round trips: a granted claim against raw echoes and peers' locks.
 
 Each repetition runs every variant in turn under the same placement (server
-side and client side pinned), so ratios are taken pair by pair.
+side and client side pinned), so ratios are taken pair by pair. Under the
+first placement the claim is also timed at a second broker that holds
+1,000 other live sessions, which the broker's turn must not pay for.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from bench import raw
 from bench.context import Run
 from bench.harness import Broker, Placement, bench_child, pin_pid, pinned, placements
 from bench.peers import PAYLOAD, nats_server, redis_server, why_missing
@@ -23,6 +26,8 @@ from bench.sessions import open_session
 from bench.stats import quantile
 
 Sampler = Callable[[int], Coroutine[Any, Any, list[float]]]
+
+CROWD = 1_000
 
 
 def run(ctx: Run) -> None:
@@ -37,14 +42,39 @@ def run(ctx: Run) -> None:
             echo.read()
             pin_pid(echo.pid, place.server)
             broker = stack.enter_context(Broker(folder, cpuset=place.server))
+            crowd = None
+            if place is chosen[0]:
+                crowd = stack.enter_context(
+                    Broker(ctx.folder("rtt-crowd"), cpuset=place.server)
+                )
+                _join_crowd(crowd.url, CROWD)
             peers = _start_peers(ctx, stack, place)
             with pinned(place.client):
                 per_rep = asyncio.run(
                     _measure(
-                        ctx, place, f"ipc://{folder}/echo.sock", broker, peers, rounds
+                        ctx,
+                        place,
+                        f"ipc://{folder}/echo.sock",
+                        (broker, crowd),
+                        peers,
+                        rounds,
                     )
                 )
         _record(ctx, place, per_rep)
+
+
+def _join_crowd(url: str, count: int) -> None:
+    """``count`` leased sessions of another repository, silent from then on
+    (the bench broker's lease outlasts the run)."""
+    zctx = zmq.Context()
+    client = raw.RawClient(zctx, url)
+    try:
+        client.pipeline(raw.hello("bench:crowd", f"crowd{n}") for n in range(count))
+        if client.errors:
+            raise RuntimeError(f"{client.errors} of the crowd's joins failed")
+    finally:
+        client.close()
+        zctx.term()
 
 
 def _start_peers(
@@ -75,17 +105,20 @@ async def _measure(
     ctx: Run,
     place: Placement,
     echo_url: str,
-    broker: Broker,
+    brokers: tuple[Broker, Broker | None],
     peers: dict[str, str],
     rounds: int,
 ) -> dict[str, list[list[float]]]:
     """Every variant once per repetition; per variant, one sample list per rep."""
+    broker, crowd = brokers
     async with contextlib.AsyncExitStack() as stack:
         samplers: dict[str, Sampler] = {
             "echo_sync": _echo_sync(stack, echo_url),
             "echo_async": await _echo_async(stack, echo_url),
             "claim": await _claim(stack, ctx, broker),
         }
+        if crowd is not None:
+            samplers["claim_crowd"] = await _claim(stack, ctx, crowd, "rtt-crowd-repo")
         if "redis" in peers:
             samplers["redis"] = _redis_lock(stack, peers["redis"])
         if "nats" in peers:
@@ -141,8 +174,10 @@ async def _echo_async(stack: contextlib.AsyncExitStack, url: str) -> Sampler:
     return sample
 
 
-async def _claim(stack: contextlib.AsyncExitStack, ctx: Run, broker: Broker) -> Sampler:
-    session = await open_session(broker.url, ctx.folder("rtt-repo"), "rtt")
+async def _claim(
+    stack: contextlib.AsyncExitStack, ctx: Run, broker: Broker, repo: str = "rtt-repo"
+) -> Sampler:
+    session = await open_session(broker.url, ctx.folder(repo), "rtt")
     stack.push_async_callback(session.close)
     counter = iter(range(10**9))
 
@@ -208,6 +243,7 @@ _NAMES = {
     "echo_sync": "echo_rtt_sync",
     "echo_async": "echo_rtt_async",
     "claim": "claim_rtt",
+    "claim_crowd": "claim_rtt_crowd",
     "redis": "redis_rtt",
     "nats": "nats_rtt",
 }
@@ -235,6 +271,13 @@ def _record(ctx: Run, place: Placement, per_rep: dict[str, list[list[float]]]) -
     claim, echo = stats["claim"], stats["echo_async"]
     for q in ("p50", "p99"):
         report.ratio(f"claim_rtt_{q}_ratio{suffix}", claim[q], echo[q])
+    if "claim_crowd" in stats:
+        report.ratio("claim_rtt_crowd_ratio", stats["claim_crowd"]["p50"], claim["p50"])
+        report.note(
+            "claim_rtt_crowd_ratio",
+            f"claim p50 at a broker holding {CROWD:,} more live sessions, over "
+            "the claim p50 at one without",
+        )
     for peer in ("redis", "nats"):
         if peer in stats:
             report.ratio(
