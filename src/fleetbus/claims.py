@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import math
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -1129,25 +1130,59 @@ class ClaimTable:
                 targets.add(waiter.sid)
         return targets
 
+    def _blocked(self, waiter: Waiter, before: int) -> bool:
+        """Whether ``waiter`` waits for anyone: :meth:`_wait_targets`, stopping
+        at the first."""
+        if self.view.conflicts(waiter.scopes, waiter.mode, waiter.sid):
+            return True
+        return any(
+            earlier.sid != waiter.sid
+            and earlier.conflicts_with(waiter.scopes, waiter.mode)
+            for earlier in itertools.islice(self.view.waiters, before)
+        )
+
     def _find_cycle(self, sid: str, targets: set[str]) -> list[str] | None:
-        """The cycle a new wait of ``sid`` for ``targets`` would close, if any."""
-        graph: dict[str, set[str]] = {}
-        for n, waiter in enumerate(self.view.waiters):
-            edges = self._wait_targets(waiter.sid, waiter.scopes, waiter.mode, n)
-            graph.setdefault(waiter.sid, set()).update(edges)
-        parent = dict.fromkeys(targets, sid)
-        queue = deque(sorted(targets))
+        """The cycle a new wait of ``sid`` for ``targets`` would close, if any.
+
+        Searched backwards from ``sid``: the sessions that wait for it, those
+        that wait for them, until one of ``targets`` is met. Only waits that
+        lead to ``sid`` are looked at, so a new wait behind a long queue for
+        one file costs one pass over the queue, not one per waiter.
+        """
+        waiters = self.view.waiters
+        holders: dict[int, set[str]] = {}
+        towards: dict[str, str] = {sid: sid}
+        queue = deque([sid])
         while queue:
             node = queue.popleft()
-            for nxt in sorted(graph.get(node, ())):
-                if nxt == sid:
-                    path = [node]
-                    while parent[path[-1]] != sid:
-                        path.append(parent[path[-1]])
-                    return [sid, *reversed(path)]
-                if nxt not in parent:
-                    parent[nxt] = node
-                    queue.append(nxt)
+            holds = self.view.count(node) > 0
+            own = [m for m, waiter in enumerate(waiters) if waiter.sid == node]
+            for n, waiter in enumerate(waiters):
+                if waiter.sid in towards:
+                    continue
+                if holds:
+                    held = holders.get(n)
+                    if held is None:
+                        rows = self.view.conflicts(
+                            waiter.scopes, waiter.mode, waiter.sid
+                        )
+                        held = holders[n] = {row.sid for row in rows}
+                    waits = node in held
+                else:
+                    waits = False
+                waits = waits or any(
+                    m < n and waiters[m].conflicts_with(waiter.scopes, waiter.mode)
+                    for m in own
+                )
+                if not waits:
+                    continue
+                towards[waiter.sid] = node
+                if waiter.sid in targets:
+                    path = [waiter.sid]
+                    while path[-1] != sid:
+                        path.append(towards[path[-1]])
+                    return [sid, *path[:-1]]
+                queue.append(waiter.sid)
         return None
 
     def _deadlock(self, cycle: list[str]) -> Deadlock:
@@ -1303,7 +1338,7 @@ class ClaimTable:
         n = 0
         while n < len(self.view.waiters):
             waiter = self.view.waiters[n]
-            if self._wait_targets(waiter.sid, waiter.scopes, waiter.mode, n):
+            if self._blocked(waiter, n):
                 n += 1
             else:
                 self._grant_waiter(waiter, now, out)

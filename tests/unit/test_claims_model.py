@@ -17,7 +17,7 @@ from hypothesis.stateful import (
 )
 
 from fleetbus.claims import ClaimTable, ClaimView, Limits, Mode, Now, Outcome
-from fleetbus.errors import FleetbusError
+from fleetbus.errors import Deadlock, FleetbusError
 from fleetbus.scope import Scope, parse_scope
 from fleetbus.sequence import Sequence
 
@@ -37,6 +37,51 @@ modes = st.sampled_from(MODES)
 def conflicting(a: Scope, a_mode: str, b: Scope, b_mode: str) -> bool:
     exclusive = "exclusive" in (a_mode, b_mode)
     return exclusive and a.overlaps(b)
+
+
+def wait_for(
+    view: ClaimView, sid: str, scopes: list[Scope], mode: str
+) -> tuple[dict[str, set[str]], set[str]]:
+    """The whole wait-for graph, and whom a new wait of ``sid`` would wait for.
+
+    Each session waits for the holders of what its waits conflict with and for
+    the conflicting waits of others queued before them.
+    """
+    waiters = view.waiters
+
+    def targets(who: str, wanted: tuple[Scope, ...], how: str, before: int) -> set[str]:
+        found = {
+            row.sid
+            for row in view.claims()
+            for scope in wanted
+            if row.sid != who and conflicting(row.scope, row.mode, scope, how)
+        }
+        found.update(
+            w.sid
+            for w in waiters[:before]
+            if w.sid != who
+            and any(conflicting(a, w.mode, b, how) for a in w.scopes for b in wanted)
+        )
+        return found
+
+    graph: dict[str, set[str]] = {}
+    for n, w in enumerate(waiters):
+        graph.setdefault(w.sid, set()).update(targets(w.sid, w.scopes, w.mode, n))
+    return graph, targets(sid, tuple(scopes), mode, len(waiters))
+
+
+def reaches(graph: dict[str, set[str]], start: set[str], goal: str) -> bool:
+    """Whether ``goal`` is reachable in ``graph`` from ``start``."""
+    seen, stack = set(start), list(start)
+    while stack:
+        node = stack.pop()
+        if node == goal:
+            return True
+        for nxt in graph.get(node, ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return False
 
 
 class ClaimTableMachine(RuleBasedStateMachine):
@@ -118,18 +163,37 @@ class ClaimTableMachine(RuleBasedStateMachine):
         sid = self.live(data)
         self.rids += 1
         rid = f"r{self.rids}"
-        outcome = self.attempt(
-            lambda: self.table.claim(
-                sid,
-                scopes,
-                mode=mode,
-                intent="model",
-                ttl_s=ttl_s,
-                wait_s=wait_s,
-                rid=rid,
-                now=self.now,
-            )
-        )
+        graph, start = wait_for(self.table.view, sid, scopes, mode)
+        cycle = bool(wait_s) and reaches(graph, start, sid)
+        refused: list[Deadlock] = []
+
+        def call() -> Outcome:
+            try:
+                return self.table.claim(
+                    sid,
+                    scopes,
+                    mode=mode,
+                    intent="model",
+                    ttl_s=ttl_s,
+                    wait_s=wait_s,
+                    rid=rid,
+                    now=self.now,
+                )
+            except Deadlock as exc:
+                refused.append(exc)
+                raise
+
+        outcome = self.attempt(call)
+        if refused:
+            assert cycle, refused[0]
+            chain = refused[0].details["cycle"]
+            assert chain[0] == sid
+            assert len(set(chain)) == len(chain)
+            assert chain[1] in start
+            for waiter, waited in zip(chain[1:], [*chain[2:], sid], strict=True):
+                assert waited in graph[waiter], (chain, graph)
+        elif outcome is not None:
+            assert not cycle
         if outcome is not None and outcome.queued is not None:
             self.queued.add((sid, rid))
             assert self.table.is_waiting(sid, rid)
