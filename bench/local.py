@@ -195,6 +195,76 @@ def run_decision(ctx: Run) -> None:
             "(decision, events and replica apply; no I/O)",
         )
     ctx.report.ratio("decision_ratio", per_size[sizes[-1]], per_size[sizes[0]])
+    _queue_figures(ctx, 1_000)
+
+
+def _queue_figures(ctx: Run, waiting: int) -> None:
+    """One file, one holder and ``waiting`` sessions queued for it: a wait
+    more queued (and cancelled), and a release handing the file on."""
+    queue: list[float] = []
+    hand_on: list[float] = []
+    for _ in range(ctx.reps):
+        table, now = _queued_table(waiting)
+        scope = [parse_scope("package.json")]
+        clock = time.perf_counter_ns
+        times = []
+        for n in range(50):
+            began = clock()
+            table.claim(
+                "late",
+                scope,
+                mode="exclusive",
+                intent="",
+                ttl_s=None,
+                wait_s=600.0,
+                rid=f"late{n}",
+                now=now,
+            )
+            times.append((clock() - began) / 1000)
+            table.cancel("late", f"late{n}", now=now)
+        queue.append(quantile(times, 0.5))
+        times = []
+        holder, grant = "w0", table.view.claims("w0")[0].grant
+        for n in range(1, 51):
+            began = clock()
+            out = table.release(holder, grant=grant, now=now)
+            times.append((clock() - began) / 1000)
+            holder = f"w{n}"
+            grant = next(r for s, _, r in out.deferred if s == holder)["grant"]
+        hand_on.append(quantile(times, 0.5))
+    label = _label(waiting)
+    for name, values, what in (
+        (f"wait_queue_p50_us_{label}", queue, "a wait queued behind them"),
+        (f"wait_hand_on_p50_us_{label}", hand_on, "a release granting the next"),
+    ):
+        ctx.report.add(name, values, "us")
+        ctx.report.note(
+            name,
+            f"{what}: ClaimTable, one file held and {waiting:,} sessions waiting "
+            "for it, deadlock check and queue order included; no I/O",
+        )
+
+
+def _queued_table(waiting: int) -> tuple[ClaimTable, Now]:
+    """A table whose ``w0`` holds one file that ``w1`` … ``wN`` wait for."""
+    table = ClaimTable("bench:queue", Sequence())
+    now = Now(wall=time.time(), mono=time.monotonic())
+    for n in range(waiting + 1):
+        table.join(f"w{n}", f"w{n}", {}, leased=True, lease_s=3600.0, now=now)
+    table.join("late", "late", {}, leased=True, lease_s=3600.0, now=now)
+    scope = [parse_scope("package.json")]
+    for n in range(waiting + 1):
+        table.claim(
+            f"w{n}",
+            scope,
+            mode="exclusive",
+            intent="",
+            ttl_s=None,
+            wait_s=600.0 if n else None,
+            rid=f"q{n}",
+            now=now,
+        )
+    return table, now
 
 
 def _decisions(table: ClaimTable, now: Now, rounds: int, counter: Any) -> float:
