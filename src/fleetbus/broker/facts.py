@@ -869,21 +869,26 @@ class FactService:
             self.tables[repo] = table
         return table
 
-    def next_due(self) -> float | None:
-        """The earliest wall time at which some fact expires or ages out."""
-        times = [t for t in (x.next_due() for x in self.tables.values()) if t]
-        return min(times, default=None)
+    def next_due(self, repo: str) -> float | None:
+        """The earliest wall time at which a fact of ``repo`` expires or ages
+        out."""
+        table = self.tables.get(repo)
+        return None if table is None else table.next_due()
 
-    def tick(self, wall: float) -> None:
-        """Expire facts whose TTL ran out and drop those past the age bound."""
-        for repo, table in self.tables.items():
-            due = table.next_due()
-            if due is not None and due <= wall:
-                self._absorb(repo, table.tick(wall))
+    def tick(self, repo: str, wall: float) -> None:
+        """Expire ``repo``'s facts whose TTL ran out and drop those past the
+        age bound."""
+        table = self.tables.get(repo)
+        if table is None:
+            return
+        due = table.next_due()
+        if due is not None and due <= wall:
+            self._absorb(repo, table.tick(wall))
 
     def _absorb(self, repo: str, outcome: FactOutcome) -> None:
         """Queue an outcome's events; its rows are in the batch already."""
         broker = self.broker
+        broker.changed(repo)
         if not outcome.events:
             return
         broker.store_begin()

@@ -26,6 +26,7 @@ from fleetbus.broker.config import BrokerConfig
 from fleetbus.broker.facts import FactService
 from fleetbus.broker.metrics import Gauge, Metrics, MetricsServer
 from fleetbus.broker.store import Store, StoreError
+from fleetbus.broker.wakeups import Wakeups
 from fleetbus.claims import ClaimTable, Limits, Now, Outcome
 from fleetbus.clock import Clock, OffsetClock
 from fleetbus.config import split_hostport
@@ -99,6 +100,10 @@ class Broker:
         self._dirty: set[str] = set()
         # Repositories whose restored claim index is still being built.
         self._warming: set[str] = set()
+        # When each repository next has timed work, and those whose state
+        # changed this turn, to be looked at again before the loop sleeps.
+        self.wakeups = Wakeups()
+        self._changed: set[str] = set()
         self._failpoints = _parse_failpoints(os.environ.get(FAILPOINTS_ENV, ""))
         self._stopping = False
         self.security = _security(config)
@@ -172,6 +177,7 @@ class Broker:
                 self.session_repo[session.sid] = repo
         self.facts.restore()
         self._warming = set(self.tables)
+        self._reschedule_all()
         self._replies.clear()
         since = now.wall - self.config.request_memory_s
         for key, reply in self.store.load_requests(since).items():
@@ -305,18 +311,8 @@ class Broker:
         if self._warming:
             return 0
         now = self.clock.monotonic()
-        due = next_heartbeat
-        wall = self.clock.wall()
-        for table in self.tables.values():
-            deadline = table.next_deadline()
-            if deadline is not None:
-                due = min(due, deadline)
-            ttl = table.next_ttl()
-            if ttl is not None:
-                due = min(due, now + (ttl - wall))
-        facts_due = self.facts.next_due()
-        if facts_due is not None:
-            due = min(due, now + (facts_due - wall))
+        first = self.wakeups.first()
+        due = next_heartbeat if first is None else min(next_heartbeat, first)
         return max(0, min(1000, int((due - now) * 1000) + 1))
 
     def turn(self, *, drain: bool = True) -> None:
@@ -360,16 +356,56 @@ class Broker:
             self.log.error("store.checkpoint_failed", error=str(exc))
 
     def _tick(self) -> None:
+        """Run the timed work that is due, in the repositories it is due in."""
         now = self._now()
-        for table in self.tables.values():
+        self._reschedule(now)
+        for repo in self.wakeups.pop_due(now.mono):
+            table = self.tables.get(repo)
+            if table is not None:
+                deadline = table.next_deadline()
+                ttl = table.next_ttl()
+                if (deadline is not None and deadline <= now.mono) or (
+                    ttl is not None and ttl <= now.wall
+                ):
+                    self._absorb(repo, table.tick(now), now)
+            self.facts.tick(repo, now.wall)
+            self._changed.add(repo)
+        self._reschedule(now)
+
+    def changed(self, repo: str) -> None:
+        """Note that ``repo``'s timed work may have moved (see :meth:`_tick`)."""
+        self._changed.add(repo)
+
+    def _reschedule(self, now: Now) -> None:
+        """Set the next due time of every repository changed since the last."""
+        changed, self._changed = self._changed, set()
+        for repo in changed:
+            self._schedule(repo, now)
+
+    def _reschedule_all(self) -> None:
+        """Set every repository's next due time afresh: after a restore, at
+        each heartbeat (the wall clock may have jumped), after a clock shift."""
+        now = self._now()
+        self._changed.clear()
+        self.wakeups = Wakeups()
+        for repo in {*self.tables, *self.facts.tables}:
+            self._schedule(repo, now)
+
+    def _schedule(self, repo: str, now: Now) -> None:
+        """Set ``repo``'s next due time, on the monotonic clock."""
+        times = []
+        table = self.tables.get(repo)
+        if table is not None:
             deadline = table.next_deadline()
+            if deadline is not None:
+                times.append(deadline)
             ttl = table.next_ttl()
-            due = (deadline is not None and deadline <= now.mono) or (
-                ttl is not None and ttl <= now.wall
-            )
-            if due:
-                self._absorb(table.repo, table.tick(now), now)
-        self.facts.tick(now.wall)
+            if ttl is not None:
+                times.append(now.mono + (ttl - now.wall))
+        facts_due = self.facts.next_due(repo)
+        if facts_due is not None:
+            times.append(now.mono + (facts_due - now.wall))
+        self.wakeups.set(repo, min(times, default=None))
 
     def _flush(self) -> None:
         if not self._outbox and not self._events and not self._dirty:
@@ -453,6 +489,7 @@ class Broker:
     def _heartbeats(self) -> None:
         self.rates.prune(self.clock.monotonic())
         self._forget_replies()
+        self._reschedule_all()
         if self.security.reload():
             self.log.info("security.reloaded", operators=len(self.security.operators))
         for repo, table in self.tables.items():
@@ -591,6 +628,7 @@ class Broker:
         ``now`` is the time the outcome was decided at, when the caller has it.
         """
         assert self.store is not None
+        self._changed.add(repo)
         if outcome.events:
             self.store.begin()
             self.store.apply_claim_events(repo, outcome.events)
@@ -658,6 +696,7 @@ class Broker:
         table = self.tables[repo]
         now = self._now()
         table.touch(sid, now)
+        self._changed.add(repo)
         return sid, table, now
 
     def _on_ping(self, ident: bytes, rid: str, message: dict[str, Any]) -> None:
@@ -974,6 +1013,7 @@ class Broker:
             wall = -wall
         self.clock.wall_offset += wall
         self.clock.monotonic_offset += mono
+        self._reschedule_all()
         self.log.warning("test.clock_shifted", wall=wall, monotonic=mono)
         self._reply(
             ident,
