@@ -2,8 +2,9 @@
 
 Each repetition runs every variant in turn under the same placement (server
 side and client side pinned), so ratios are taken pair by pair. Under the
-first placement the claim is also timed at a second broker that holds
-1,000 other live sessions, which the broker's turn must not pay for.
+first placement the claim is also timed at a second broker that holds a
+crowd: 1,000 more live sessions in the claimant's repository and 200 other
+repositories with one each, which the broker's turn must not pay for.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from bench.stats import quantile
 Sampler = Callable[[int], Coroutine[Any, Any, list[float]]]
 
 CROWD = 1_000
+CROWD_REPO = "bench:crowd"
+OTHER_REPOS = 200
 
 
 def run(ctx: Run) -> None:
@@ -47,7 +50,7 @@ def run(ctx: Run) -> None:
                 crowd = stack.enter_context(
                     Broker(ctx.folder("rtt-crowd"), cpuset=place.server)
                 )
-                _join_crowd(crowd.url, CROWD)
+                _join_crowd(crowd.url)
             peers = _start_peers(ctx, stack, place)
             with pinned(place.client):
                 per_rep = asyncio.run(
@@ -63,13 +66,15 @@ def run(ctx: Run) -> None:
         _record(ctx, place, per_rep)
 
 
-def _join_crowd(url: str, count: int) -> None:
-    """``count`` leased sessions of another repository, silent from then on
-    (the bench broker's lease outlasts the run)."""
+def _join_crowd(url: str) -> None:
+    """The crowd's leased sessions, silent from then on (the bench broker's
+    lease outlasts the run)."""
+    hellos = [raw.hello(CROWD_REPO, f"crowd{n}") for n in range(CROWD)]
+    hellos += [raw.hello(f"{CROWD_REPO}-{n}", f"other{n}") for n in range(OTHER_REPOS)]
     zctx = zmq.Context()
     client = raw.RawClient(zctx, url)
     try:
-        client.pipeline(raw.hello("bench:crowd", f"crowd{n}") for n in range(count))
+        client.pipeline(hellos)
         if client.errors:
             raise RuntimeError(f"{client.errors} of the crowd's joins failed")
     finally:
@@ -118,7 +123,9 @@ async def _measure(
             "claim": await _claim(stack, ctx, broker),
         }
         if crowd is not None:
-            samplers["claim_crowd"] = await _claim(stack, ctx, crowd, "rtt-crowd-repo")
+            samplers["claim_crowd"] = await _claim(
+                stack, ctx, crowd, "rtt-crowd-repo", CROWD_REPO
+            )
         if "redis" in peers:
             samplers["redis"] = _redis_lock(stack, peers["redis"])
         if "nats" in peers:
@@ -175,9 +182,13 @@ async def _echo_async(stack: contextlib.AsyncExitStack, url: str) -> Sampler:
 
 
 async def _claim(
-    stack: contextlib.AsyncExitStack, ctx: Run, broker: Broker, repo: str = "rtt-repo"
+    stack: contextlib.AsyncExitStack,
+    ctx: Run,
+    broker: Broker,
+    folder: str = "rtt-repo",
+    repo_id: str | None = None,
 ) -> Sampler:
-    session = await open_session(broker.url, ctx.folder(repo), "rtt")
+    session = await open_session(broker.url, ctx.folder(folder), "rtt", repo_id=repo_id)
     stack.push_async_callback(session.close)
     counter = iter(range(10**9))
 
@@ -275,8 +286,9 @@ def _record(ctx: Run, place: Placement, per_rep: dict[str, list[list[float]]]) -
         report.ratio("claim_rtt_crowd_ratio", stats["claim_crowd"]["p50"], claim["p50"])
         report.note(
             "claim_rtt_crowd_ratio",
-            f"claim p50 at a broker holding {CROWD:,} more live sessions, over "
-            "the claim p50 at one without",
+            f"claim p50 at a broker holding {CROWD:,} more live sessions in the "
+            f"claimant's repository and {OTHER_REPOS} other repositories with "
+            "one each, over the claim p50 at one without",
         )
     for peer in ("redis", "nats"):
         if peer in stats:
