@@ -8,17 +8,20 @@ repository that each heartbeat also takes cannot stand in for a missed one.
 
 from __future__ import annotations
 
-import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+import zmq
 
 from fleetbus.client import AsyncSession
 from fleetbus.errors import TimedOut
-from fleetbus.facts import FactEvent
+from fleetbus.facts import subscription_topics
 from fleetbus.repo import RepoInfo
+from fleetbus.scope import parse_scope
 from tests.faults.harness import Raw
 from tests.support.brokerproc import BrokerProcess
 
@@ -64,26 +67,12 @@ async def join(
         await session.close(leave=False)
 
 
-async def next_matching(
-    stream: AsyncIterator[Any], accept: Callable[[Any], bool]
-) -> Any:
-    async def find() -> Any:
-        async for item in stream:
-            if accept(item):
-                return item
-        raise AssertionError("the stream ended")
-
-    return await asyncio.wait_for(find(), DEADLINE_S)
-
-
 async def test_a_ttl_claim_expires_on_time(join: Callable[..., Any]) -> None:
-    """A claim's TTL runs out and the claim is released."""
-    a = await join("a")
-    stream = a.events()
-    grant = await a.claim("src/a.py", ttl=0.2)
-    released = await next_matching(stream, lambda e: e["type"] == "claim.released")
-    assert released["reason"] == "ttl_expired"
-    assert released["ids"] == [row.id for row in grant.claims]
+    """A claim's TTL runs out and the file goes to the session waiting for it."""
+    a, b = await join("a"), await join("b")
+    held = await a.claim("src/a.py", ttl=0.2)
+    granted = await b.claim("src/a.py", wait=DEADLINE_S)
+    assert granted.fence > held.fence
 
 
 async def test_a_wait_runs_out_at_the_broker(join: Callable[..., Any]) -> None:
@@ -97,26 +86,50 @@ async def test_a_wait_runs_out_at_the_broker(join: Callable[..., Any]) -> None:
 async def test_a_silent_session_loses_its_lease(
     join: Callable[..., Any], crowded: BrokerProcess
 ) -> None:
-    """A session that joins and never speaks again is lost with its lease."""
+    """A session that claims and never speaks again loses its lease, and the
+    file goes to the session waiting for it."""
     a = await join("a")
-    stream = a.events()
     raw = Raw(crowded.url)
     try:
         assert raw.request("hello", repo=a.repo.id, sid="silent")["ok"]
+        assert raw.request("claim", sid="silent", scopes=["src/c.py"])["ok"]
     finally:
         raw.close()
-    lost = await next_matching(stream, lambda e: e["type"] == "session.lost")
-    assert lost["sid"] == "silent"
+    granted = await a.claim("src/c.py", wait=DEADLINE_S)
+    assert [row.scope.text for row in granted.claims] == ["src/c.py"]
 
 
-async def test_a_fact_with_a_ttl_expires_on_time(join: Callable[..., Any]) -> None:
-    """A fact's TTL runs out and its subscribers are told."""
-    a = await join("a")
-    await a.subscribe("docs/")
-    events = a.fact_events()
-    fact = await a.publish("docs/x.md", text="for a moment", ttl=0.2)
-
-    def expired(event: FactEvent) -> bool:
-        return event.type == "expired" and event.id == fact.id
-
-    assert (await next_matching(events, expired)).id == fact.id
+def test_a_fact_with_a_ttl_expires_on_time(crowded: BrokerProcess) -> None:
+    """A fact's TTL runs out and its end is published with reason ``expired``."""
+    raw = Raw(crowded.url)
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    try:
+        hello = raw.request("hello", repo="timed-facts", sid="f")
+        sub.connect(hello["pub"])
+        for prefix in subscription_topics("timed-facts", parse_scope("docs/")):
+            sub.subscribe(prefix)
+        # A subscription takes effect some time after it is made: publish
+        # until one of them arrives, then the fact under test.
+        for n in range(100):
+            raw.request("publish", sid="f", topics=["docs/x.md"], body=f"probe {n}")
+            if sub.poll(100):
+                break
+        else:
+            raise AssertionError("the subscription never took effect")
+        fact = raw.request(
+            "publish", sid="f", topics=["docs/x.md"], body="brief", ttl_ms=200
+        )["fact"]
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            assert sub.poll(int(left * 1000)), "no fact.ended in time"
+            event = orjson.loads(sub.recv_multipart()[-1])
+            if event["type"] == "fact.ended" and fact["id"] in event["ids"]:
+                break
+        assert event["reason"] == "expired"
+    finally:
+        sub.close(linger=0)
+        ctx.term()
+        raw.close()
