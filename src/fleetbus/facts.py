@@ -535,6 +535,9 @@ class FactTable:
         self.limits = limits or FactLimits()
         self.rows: FactRows = rows if rows is not None else MemoryFactRows()
         self.heads: StreamHeads = heads if heads is not None else sequence
+        # The seq of the last fact event since this table was made (None:
+        # none yet, and events before it, from an earlier start, unknown).
+        self.last_seq: int | None = None
         self._expiry: list[tuple[float, str]] = list(self.rows.expiring())
         heapq.heapify(self._expiry)
 
@@ -743,6 +746,7 @@ class FactTable:
         topics: Iterable[Scope],
     ) -> None:
         seq = int(event["seq"])
+        self.last_seq = seq
         link = self.heads.link
         links = [
             (prefix, link(facts_stream(prefix), seq)) for prefix in fact_topics(topics)

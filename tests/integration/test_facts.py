@@ -225,6 +225,60 @@ async def test_a_lost_last_event_is_recovered_at_the_broker_heartbeat(
     assert len(carol._tasks) < 7
 
 
+async def test_claims_changing_alone_cost_a_follower_no_fact_catch_up(
+    broker_factory: Callable[..., BrokerProcess], repo: Path
+) -> None:
+    """A broker heartbeat names the seq of the repository's last fact event:
+    a follower fetches what changed when that moves on, not when claims do."""
+    broker = broker_factory("beats", extra_args=["--heartbeat-ms", "100"])
+    bob = await AsyncSession.connect(broker.url, repo=repo, session_id="bob")
+    carol = await AsyncSession.connect(broker.url, repo=repo, session_id="carol")
+    try:
+        seen = Collector(carol)
+        await carol.subscribe("docs/")
+        ready = await bob.publish("docs/a.md", text="ready")
+        await seen.until(lambda events: ready.id in [e.id for e in events])
+        catch_ups = 0
+        send = carol._connection.transport.send
+
+        def counting(message: dict[str, Any]) -> None:
+            nonlocal catch_ups
+            if message.get("op") == "facts" and "changed_since" in message:
+                catch_ups += 1
+            send(message)
+
+        beats: asyncio.Queue[None] = asyncio.Queue()
+        replica = carol._shared
+        on_event = replica.on_event
+
+        def counting_beats(event: dict[str, Any]) -> None:
+            on_event(event)
+            if event.get("type") == "heartbeat":
+                beats.put_nowait(None)
+
+        async def heartbeats(count: int) -> None:
+            for _ in range(count):
+                await asyncio.wait_for(beats.get(), WAIT_S)
+
+        carol._connection.transport.send = counting  # type: ignore[method-assign]
+        replica.on_event = counting_beats  # type: ignore[method-assign]
+        await heartbeats(2)  # the catch-up for "ready" is done by the second
+        catch_ups = 0
+        for n in range(5):
+            grant = await bob.claim(f"src/{n}.py")
+            await bob.release(grant=grant.id)
+        await heartbeats(3)
+        after_claims = catch_ups
+        await bob.publish("lib/x.py", text="on a topic carol does not follow")
+        await heartbeats(3)
+    finally:
+        await bob.close(leave=False)
+        await carol.close(leave=False)
+
+    assert after_claims == 0
+    assert catch_ups >= 1
+
+
 async def test_shown_once_across_reconnects(
     open_session: Callable[..., Any],
 ) -> None:

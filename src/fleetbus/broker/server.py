@@ -504,6 +504,11 @@ class Broker:
                 "head": sequence.head(CLAIMS_STREAM),
                 "at": self.clock.wall(),
             }
+            facts = self.facts.tables.get(repo)
+            if facts is None:
+                beat["facts"] = 0
+            elif facts.last_seq is not None:
+                beat["facts"] = facts.last_seq
             self.pub.send_multipart([wire.claims_topic(repo), wire.encode(beat)])
 
     # -- requests -------------------------------------------------------------

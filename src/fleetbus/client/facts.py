@@ -277,12 +277,14 @@ class FactsMixin:
 
         A lost event shows as a broken ``prev`` at the next event of its
         topic; the last one of a topic has no next, so the broker's heartbeat,
-        which carries the repository's ``seq``, is what tells of it. So are
-        events published while a new subscription was on its way to the
-        broker's PUB, which never arrive and which nothing else would tell.
+        which carries the ``seq`` of the repository's last fact event
+        (``facts``; brokers that do not know it send only the repository's
+        ``seq``), is what tells of it. So are events published while a new
+        subscription was on its way to the broker's PUB, which never arrive
+        and which nothing else would tell.
         """
         state = self._facts_state
-        seq = event.get("seq")
+        seq = event.get("facts", event.get("seq"))
         if state is None or state.synced is None or not isinstance(seq, int):
             return
         if seq > state.synced and not state.checking:

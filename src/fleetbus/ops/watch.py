@@ -7,9 +7,9 @@ hands out one ordered series: the history as synthetic events (marked
 are dropped by their ``seq``; a missed one (its ``prev`` does not link, or a
 heartbeat names a later head, or the broker restarted) is reported as a
 ``notice`` and the table is fetched again. Facts streams are many, so a lost
-fact event is found another way: when a heartbeat's ``seq`` passes what the
-watcher has fetched up to, it asks for the facts changed since and shows
-those it has not shown.
+fact event is found another way: when a heartbeat's ``facts`` (the seq of
+the repository's last fact event) passes what the watcher has fetched up to,
+it asks for the facts changed since and shows those it has not shown.
 
 Each event comes out as a :class:`Line`: the event plus what a reader needs to
 make sense of it (the session's name, the scopes it concerns, a verb), worked
@@ -321,7 +321,7 @@ class Watcher:
                     _MISSED.format(before),
                 )
             ]
-        seq = event.get("seq")
+        seq = event.get("facts", event.get("seq"))
         return self._fetch_facts(repo, state, seq) if isinstance(seq, int) else []
 
     def _apply(self, repo: str, state: RepoState, event: dict[str, Any]) -> list[Line]:
